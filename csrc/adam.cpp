@@ -1,0 +1,117 @@
+// pyeff::adam_step_cpu: input checks and registration of the CPU Adam/AdamW kernel
+// (csrc/cpu/adam_kernel.cpp). The contract and the reference live in pyeff/ops/adam.py.
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "checks.h"
+#include "cpu/adam_kernel.h"
+
+namespace pyeff {
+namespace {
+
+constexpr const char* kOp = "adam_step";
+
+cpu::PrecisionMode precision_mode(at::TensorList params, at::TensorList masters, at::TensorList comps) {
+  TORCH_CHECK(masters.empty() || comps.empty(), kOp,
+              ": `master_params` and `compensations` cannot both be given; choose master weights or "
+              "compensated summation");
+  if (masters.empty() && comps.empty()) return cpu::PrecisionMode::PLAIN;
+  const auto dtype = params.empty() ? at::kBFloat16 : params[0].scalar_type();
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, kOp,
+              ": master weights and compensated summation are for bfloat16/float16 parameters, got ", dtype);
+  return masters.empty() ? cpu::PrecisionMode::KAHAN : cpu::PrecisionMode::MASTER;
+}
+
+void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                   at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
+                   at::TensorList master_params, at::TensorList compensations, double lr, double beta1,
+                   double beta2, double eps, double weight_decay, bool amsgrad, bool maximize,
+                   bool decoupled_weight_decay, const std::optional<at::Tensor>& grad_mult,
+                   const std::optional<at::Tensor>& found_inf) {
+  // ---- checks: nothing is written before all of them pass
+  const size_t n = params.size();
+  check_length(kOp, "grads", grads, n);
+  check_length(kOp, "exp_avgs", exp_avgs, n);
+  check_length(kOp, "exp_avg_sqs", exp_avg_sqs, n);
+  check_length(kOp, "max_exp_avg_sqs", max_exp_avg_sqs, amsgrad ? n : 0);
+  check_length(kOp, "state_steps", state_steps, n);
+  const auto mode = precision_mode(params, master_params, compensations);
+  check_length(kOp, "master_params", master_params, mode == cpu::PrecisionMode::MASTER ? n : 0);
+  check_length(kOp, "compensations", compensations, mode == cpu::PrecisionMode::KAHAN ? n : 0);
+  if (n == 0) return;
+
+  const auto dtype = params[0].scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
+              kOp, ": expected floating-point parameters (float32, float64, bfloat16, float16), got ", dtype);
+  const auto state_dtype = mode == cpu::PrecisionMode::MASTER ? at::kFloat : dtype;
+  const auto cpu = c10::DeviceType::CPU;
+  std::vector<double> steps(n);
+  for (size_t i = 0; i < n; ++i) {
+    const auto& p = params[i];
+    check_same_layout(kOp, "params", i, p, p, dtype, cpu);
+    check_same_layout(kOp, "grads", i, grads[i], p, dtype, cpu);
+    check_same_layout(kOp, "exp_avgs", i, exp_avgs[i], p, state_dtype, cpu);
+    check_same_layout(kOp, "exp_avg_sqs", i, exp_avg_sqs[i], p, state_dtype, cpu);
+    if (amsgrad) check_same_layout(kOp, "max_exp_avg_sqs", i, max_exp_avg_sqs[i], p, state_dtype, cpu);
+    if (mode == cpu::PrecisionMode::MASTER) check_same_layout(kOp, "master_params", i, master_params[i], p, at::kFloat, cpu);
+    if (mode == cpu::PrecisionMode::KAHAN) check_same_layout(kOp, "compensations", i, compensations[i], p, dtype, cpu);
+    steps[i] = host_scalar(kOp, "state_steps", state_steps[i]);
+  }
+  double mult = 1.0;
+  if (grad_mult.has_value()) mult = host_scalar(kOp, "grad_mult", *grad_mult);
+  // NOTE [overflow skip]: a non-zero found_inf skips the whole step; parameters, every state tensor
+  // and the step counts stay bitwise unchanged.
+  if (found_inf.has_value() && host_scalar(kOp, "found_inf", *found_inf) != 0) return;
+
+  // ---- per-tensor coefficients, in double as torch.optim computes them from Python floats
+  cpu::AdamArgs a;
+  a.tensors.resize(n);
+  a.offsets = numel_offsets(params);
+  a.dtype = dtype;
+  a.mode = mode;
+  a.lr = lr;
+  a.beta1 = beta1;
+  a.beta2 = beta2;
+  a.eps = eps;
+  a.weight_decay = weight_decay;
+  a.amsgrad = amsgrad;
+  a.maximize = maximize;
+  a.decoupled_weight_decay = decoupled_weight_decay;
+  a.has_grad_mult = grad_mult.has_value();
+  a.grad_mult = mult;
+  for (size_t i = 0; i < n; ++i) {
+    const double step = steps[i] + 1;
+    cpu::AdamTensor& t = a.tensors[i];
+    t.param = params[i].data_ptr();
+    t.grad = grads[i].const_data_ptr();
+    t.exp_avg = exp_avgs[i].data_ptr();
+    t.exp_avg_sq = exp_avg_sqs[i].data_ptr();
+    t.max_exp_avg_sq = amsgrad ? max_exp_avg_sqs[i].data_ptr() : nullptr;
+    t.master = mode == cpu::PrecisionMode::MASTER ? master_params[i].data_ptr<float>() : nullptr;
+    t.compensation = mode == cpu::PrecisionMode::KAHAN ? compensations[i].data_ptr() : nullptr;
+    t.step_size = lr / (1 - std::pow(beta1, step));
+    t.bias_correction2_sqrt = std::sqrt(1 - std::pow(beta2, step));
+  }
+
+  PYEFF_ISA_SELECT(adam_kernel)(a);
+
+  for (size_t i = 0; i < n; ++i) set_host_scalar(state_steps[i], steps[i] + 1);
+  bump_versions({params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, master_params, compensations});
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(pyeff, m) {
+  m.def(
+      "adam_step_cpu(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, Tensor(f!)[] master_params, "
+      "Tensor(g!)[] compensations, *, float lr, float beta1, float beta2, float eps, float weight_decay, "
+      "bool amsgrad, bool maximize, bool decoupled_weight_decay, Tensor? grad_mult=None, "
+      "Tensor? found_inf=None) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(pyeff, CPU, m) { m.impl("adam_step_cpu", &adam_step_cpu); }
+
+}  // namespace pyeff

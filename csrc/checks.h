@@ -1,0 +1,76 @@
+#pragma once
+// Input checks shared by the op files. Every check names the op, the list and the index, and what
+// was expected, and runs before anything is written.
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <initializer_list>
+#include <string>
+#include <vector>
+
+namespace pyeff {
+
+inline void check_length(const char* op, const char* name, at::TensorList list, size_t expected) {
+  TORCH_CHECK(list.size() == expected, op, ": expected ", name, " to hold ", expected,
+              " tensors (one per parameter), got ", list.size());
+}
+
+// `t` must be laid out exactly like `like` (same shape and strides, non-overlapping and dense), so
+// that both can be walked as one flat array. pyeff.ops makes other layouts dense before calling.
+inline void check_same_layout(const char* op, const char* name, size_t i, const at::Tensor& t,
+                              const at::Tensor& like, c10::ScalarType dtype, c10::DeviceType device) {
+  TORCH_CHECK(t.defined(), op, ": ", name, "[", i, "] is undefined");
+  TORCH_CHECK(t.device().type() == device, op, ": expected ", name, "[", i, "] on ", device, ", got ",
+              t.device());
+  TORCH_CHECK(t.device() == like.device(), op, ": expected ", name, "[", i, "] on ", like.device(),
+              " like its parameter, got ", t.device());
+  TORCH_CHECK(!t.is_sparse(), op, ": ", name, "[", i, "] is sparse; this op takes dense tensors");
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": expected ", name, "[", i, "] to be ", dtype, ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.sizes() == like.sizes(), op, ": expected ", name, "[", i, "] of shape ", like.sizes(),
+              " like its parameter, got ", t.sizes());
+  TORCH_CHECK(t.is_non_overlapping_and_dense() && (t.numel() <= 1 || t.strides() == like.strides()),
+              op, ": expected ", name, "[", i, "] to be dense with the strides of its parameter ",
+              like.strides(), ", got ", t.strides());
+}
+
+// Prefix sums of numels: the flat index space that one parallel region walks.
+inline std::vector<int64_t> numel_offsets(at::TensorList tensors) {
+  std::vector<int64_t> offsets(tensors.size() + 1, 0);
+  for (size_t i = 0; i < tensors.size(); ++i) offsets[i + 1] = offsets[i] + tensors[i].numel();
+  return offsets;
+}
+
+// A one-element fp32/fp64 CPU tensor read on the host (a step count, a flag, a scale).
+inline double host_scalar(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.numel() == 1, op, ": expected ", name, " to have one element, got ", t.numel());
+  TORCH_CHECK(t.device().is_cpu(), op, ": expected ", name, " on the CPU, got ", t.device());
+  switch (t.scalar_type()) {
+    case at::kFloat: return *t.const_data_ptr<float>();
+    case at::kDouble: return *t.const_data_ptr<double>();
+    default: TORCH_CHECK(false, op, ": expected ", name, " to be float32 or float64, got ", t.scalar_type());
+  }
+}
+
+// Writes a value that host_scalar accepted (a step count) without a dispatcher round trip.
+inline void set_host_scalar(const at::Tensor& t, double value) {
+  if (t.scalar_type() == at::kFloat) {
+    *t.data_ptr<float>() = static_cast<float>(value);
+  } else {
+    *t.data_ptr<double>() = value;
+  }
+}
+
+// What autograd's in-place bookkeeping does for ATen's own in-place ops: a tensor written by a kernel
+// gets a new version, so a later backward through a stale saved value raises instead of being wrong.
+inline void bump_versions(std::initializer_list<at::TensorList> lists) {
+  for (const auto& list : lists) {
+    for (const auto& t : list) {
+      if (t.is_inference()) continue;  // inference tensors have no version counter
+      t.unsafeGetTensorImpl()->bump_version();
+    }
+  }
+}
+
+}  // namespace pyeff

@@ -1,0 +1,17 @@
+"""pyeff: fused kernels that make PyTorch training cheaper without changing training code.
+
+- pyeff.optim: Adam, AdamW (and more) as one fused kernel per step, with loss-scale unscaling,
+  overflow skip, gradient clipping and fp32 master weights inside the step;
+- pyeff.amp: a GradScaler that lets those optimizers do the overflow check in their own pass;
+- pyeff.ops: the op layer (contracts, references, backends).
+"""
+
+from . import _ext
+
+__version__ = "0.1.0"
+
+_ext.load_error()  # one warning, now, if the compiled extension is missing
+
+from . import ops, optim  # noqa: E402
+
+__all__ = ["ops", "optim", "__version__"]

@@ -1,0 +1,42 @@
+"""Loading the compiled extension `pyeff._C`.
+
+Importing it registers the compiled kernels as torch.ops.pyeff.* (CPU, and CUDA where built). When
+it is missing or fails to load, pyeff still works: every op falls back to its plain-PyTorch
+reference, and one warning says how to build.
+"""
+
+import functools
+import warnings
+
+import torch
+
+BUILD_HINT = (
+    "build it from the source tree with `pip install --no-build-isolation -e .` "
+    "(a C++17 compiler and ninja are needed; see README.md)"
+)
+
+
+@functools.cache
+def load_error() -> str | None:
+    """None when pyeff._C is loaded, else why not (the warning is issued once)."""
+    try:
+        from pyeff import _C  # noqa: F401
+    except (ImportError, OSError) as e:
+        msg = f"pyeff: the compiled extension pyeff._C is not available ({e}); every op falls back to " \
+              f"its plain-PyTorch reference, which is correct but slow. To use the fused kernels, {BUILD_HINT}."
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        return str(e)
+    return None
+
+
+def available() -> bool:
+    return load_error() is None
+
+
+def cpu_isa() -> str | None:
+    """The instruction set the CPU kernels run with (default, avx2, avx512), or None if not built."""
+    return torch.ops.pyeff.cpu_isa() if available() else None
+
+
+def built_with_cuda() -> bool:
+    return available() and bool(torch.ops.pyeff.built_with_cuda())

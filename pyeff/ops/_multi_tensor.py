@@ -1,0 +1,96 @@
+"""Shared plumbing of the multi-tensor ops: bucketing by (device, dtype) and dense layouts.
+
+Kernels walk each tensor as one flat array, which needs every tensor at index i (parameter,
+gradient, state) to be non-overlapping and dense with the parameter's strides. That is what
+torch creates (autograd's gradient layout contract, zeros_like(memory_format=preserve_format)),
+so the copies below happen only for unusual layouts (a parameter that is a strided slice, a
+gradient assigned by hand in another layout).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+TensorLists = dict[str, list[Tensor]]
+
+
+def group_by_device_and_dtype(lists: TensorLists, key: str = "params") -> dict[tuple, TensorLists]:
+    """Split parallel tensor lists into buckets whose `key` tensors share device and dtype.
+
+    Lists that are empty (optional state not in use) stay empty in every bucket.
+    """
+    buckets: dict[tuple, list[int]] = {}
+    for i, t in enumerate(lists[key]):
+        buckets.setdefault((t.device, t.dtype), []).append(i)
+    if len(buckets) <= 1:
+        return {k: lists for k in buckets}
+    return {k: {name: [ts[i] for i in idx] if ts else [] for name, ts in lists.items()}
+            for k, idx in buckets.items()}
+
+
+def is_dense(t: Tensor) -> bool:
+    """Non-overlapping and dense: its elements fill one block of memory in some dimension order."""
+    if t.is_contiguous() or t.numel() == 0:
+        return True
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _layout_ok(t: Tensor, ref: Tensor) -> bool:
+    if t.is_contiguous() and ref.is_contiguous():  # the common case, decided without leaving C
+        return True
+    return is_dense(t) and (t.numel() <= 1 or t.stride() == ref.stride())
+
+
+def _nothing() -> None:
+    return None
+
+
+def make_dense(lists: TensorLists, mutated: Sequence[str], key: str = "params"):
+    """Return (lists, write_back): lists where every index satisfies the kernels' layout rule, and a
+    function that copies results back into the caller's tensors that had to be replaced."""
+    ref_list = lists[key]
+    if all(all(map(Tensor.is_contiguous, ts)) for ts in lists.values()):  # the common case, in C
+        return lists, _nothing
+    bad = [i for i, p in enumerate(ref_list)
+           if not all(_layout_ok(ts[i], p) for ts in lists.values() if ts)]
+    if not bad:
+        return lists, _nothing
+    out = {name: list(ts) for name, ts in lists.items()}
+    pending: list[tuple[Tensor, Tensor]] = []
+    for i in bad:
+        p = ref_list[i]
+        p_dense = is_dense(p)
+        for name, ts in lists.items():
+            if not ts:
+                continue
+            t = ts[i]
+            if p_dense:  # keep the parameter's layout, copy the others into it
+                if name == key or _layout_ok(t, p):
+                    continue
+                new = torch.empty_like(p, dtype=t.dtype).copy_(t)
+            else:  # a strided view: everything at this index goes through contiguous copies
+                if t.is_contiguous():
+                    continue
+                new = t.contiguous()
+            out[name][i] = new
+            if name in mutated:
+                pending.append((t, new))
+
+    def write_back():
+        for original, dense in pending:
+            original.copy_(dense)
+
+    return out, write_back
+
+
+def on_device(t: Tensor | None, device: torch.device) -> Tensor | None:
+    """A one-element control tensor (scale, flag) on the device of the bucket that reads it."""
+    return t if t is None or t.device == device else t.to(device, non_blocking=True)

@@ -1,0 +1,140 @@
+r"""adam_step: one fused Adam/AdamW step over lists of tensors.
+
+The contract, per parameter i (math in fp32 for bf16/fp16 tensors, fp64 for fp64):
+
+.. math::
+    g &= \mathrm{grad}_i \cdot \mathrm{grad\_mult} \quad (\text{negated if maximize}) \\
+    p &\leftarrow p\,(1 - \gamma\lambda) \ \text{(decoupled)} \quad\text{or}\quad g \leftarrow g + \lambda p \\
+    m &\leftarrow m + (1-\beta_1)(g - m), \qquad v \leftarrow \beta_2 v + (1-\beta_2) g^2 \\
+    \hat v &= \max(v^{max}, v) \ \text{(amsgrad)} \ \text{else}\ v \\
+    p &\leftarrow p - \frac{\gamma}{1-\beta_1^t}\, \frac{m}{\sqrt{\hat v}/\sqrt{1-\beta_2^t} + \epsilon}
+
+with t the parameter's step count after the increment, in the operation order of
+torch.optim.Adam's single-tensor implementation. A non-zero `found_inf` skips the step entirely
+(NOTE [overflow skip] in csrc/adam.cpp). `master_params` / `compensations` select the
+low-precision modes of NOTE [low-precision parameter modes] (csrc/cpu/adam_kernel.h).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ._multi_tensor import group_by_device_and_dtype, make_dense, on_device
+from ._registry import Op
+
+ADAM = Op("adam_step")
+
+_MUTATED = ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps", "master_params",
+            "compensations")
+
+
+@ADAM.register("reference")
+def adam_step_reference(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor], state_steps: list[Tensor], master_params: list[Tensor],
+    compensations: list[Tensor], lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+    amsgrad: bool, maximize: bool, decoupled_weight_decay: bool, grad_mult: Tensor | None,
+    found_inf: Tensor | None,
+) -> None:
+    if found_inf is not None and found_inf.item() != 0:
+        return
+    for i, param in enumerate(params):
+        acc = torch.float64 if param.dtype == torch.float64 else torch.float32
+        p = (master_params[i] if master_params else param).to(acc, copy=True)
+        g = grads[i].to(acc)
+        if grad_mult is not None:
+            g = g * grad_mult.to(acc)
+        if maximize:
+            g = -g
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                p.mul_(1 - lr * weight_decay)
+            else:
+                g = g.add(p, alpha=weight_decay)
+        m = exp_avgs[i].to(acc, copy=True)
+        v = exp_avg_sqs[i].to(acc, copy=True)
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        step = state_steps[i].item() + 1
+        bias_correction2_sqrt = math.sqrt(1 - beta2**step)
+        step_size = lr / (1 - beta1**step)
+        if amsgrad:
+            vmax = torch.maximum(max_exp_avg_sqs[i].to(acc), v)
+            max_exp_avg_sqs[i].copy_(vmax)
+            denom = (vmax.sqrt() / bias_correction2_sqrt).add_(eps)
+        else:
+            denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+        p.addcdiv_(m, denom, value=-step_size)
+
+        exp_avgs[i].copy_(m)
+        exp_avg_sqs[i].copy_(v)
+        if compensations:  # NOTE [low-precision parameter modes]: compensated summation
+            old = param.to(acc)
+            y = (p - old) + compensations[i].to(acc)
+            rounded = (old + y).to(param.dtype)
+            compensations[i].copy_(y - (rounded.to(acc) - old))
+            param.copy_(rounded)
+        else:
+            if master_params:
+                master_params[i].copy_(p)
+            param.copy_(p)
+        state_steps[i].add_(1)
+
+
+@ADAM.register("cpu")
+def adam_step_cpu(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, master_params,
+                  compensations, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
+                  decoupled_weight_decay, grad_mult, found_inf):
+    torch.ops.pyeff.adam_step_cpu(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, master_params, compensations,
+        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+        maximize=maximize, decoupled_weight_decay=decoupled_weight_decay, grad_mult=grad_mult,
+        found_inf=found_inf)
+
+
+@torch.library.custom_op("pyeff::adam_step", mutates_args=_MUTATED)
+def _adam_step_op(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor], state_steps: list[Tensor], master_params: list[Tensor],
+    compensations: list[Tensor], lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+    amsgrad: bool, maximize: bool, decoupled_weight_decay: bool, grad_mult: Tensor | None,
+    found_inf: Tensor | None, backend: str,
+) -> None:
+    ADAM(backend, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, master_params,
+         compensations, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay,
+         grad_mult, found_inf)
+
+
+@_adam_step_op.register_fake
+def _(*args, **kwargs) -> None:
+    return None
+
+
+def adam_step(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor], state_steps: list[Tensor], master_params: list[Tensor] | None = None,
+    compensations: list[Tensor] | None = None, *, lr: float, beta1: float, beta2: float, eps: float,
+    weight_decay: float, amsgrad: bool = False, maximize: bool = False, decoupled_weight_decay: bool = False,
+    grad_mult: Tensor | None = None, found_inf: Tensor | None = None, backend: str | None = None,
+) -> None:
+    """One Adam (or AdamW, with `decoupled_weight_decay`) step, in place, over parallel lists.
+
+    Tensors may mix devices and dtypes: each (device, dtype) bucket is one kernel launch (one
+    parallel region on the CPU). `state_steps` are one-element float tensors, incremented unless
+    the step is skipped. See the module docstring for the math.
+    """
+    lists = {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
+             "max_exp_avg_sqs": max_exp_avg_sqs, "master_params": master_params or [],
+             "compensations": compensations or []}
+    lists["state_steps"] = state_steps
+    for (device, _), bucket in group_by_device_and_dtype(lists).items():
+        steps = bucket.pop("state_steps")
+        dense, write_back = make_dense(bucket, _MUTATED)
+        ADAM.run(_adam_step_op, ADAM.choose(device, backend), dense["params"], dense["grads"], dense["exp_avgs"],
+                 dense["exp_avg_sqs"], dense["max_exp_avg_sqs"], steps, dense["master_params"],
+                 dense["compensations"], lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
+                 decoupled_weight_decay, on_device(grad_mult, device), on_device(found_inf, device))
+        write_back()

@@ -1,0 +1,222 @@
+"""pyeff.optim.Adam and AdamW: torch.optim.Adam/AdamW with one fused kernel per step.
+
+Same constructor (arguments, defaults, validation errors), same state_dict layout ('step' a float32
+scalar tensor, 'exp_avg', 'exp_avg_sq', 'max_exp_avg_sq' with amsgrad), so checkpoints move both
+ways. Keyword-only extras: `max_grad_norm` (fused clipping), `master_weights` and
+`kahan_summation` (bf16/fp16 parameters), `backend`. AdamW is Adam with decoupled weight decay.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..ops.adam import adam_step
+from ._fused import LOW_PRECISION, FusedOptimizer, as_real, init_low_precision_state, low_precision_mode, scalar
+
+_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+_LISTS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps", "master_params",
+          "compensations")
+
+
+def _check_hyperparameters(lr, betas, eps, weight_decay) -> None:
+    # torch.optim.Adam's checks and messages, in its order.
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if not 0.0 <= betas[0] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+    if not 0.0 <= betas[1] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+
+
+class Adam(FusedOptimizer):
+    """Drop-in for :class:`torch.optim.Adam` (see its documentation for the algorithm and arguments).
+
+    Extra keyword-only arguments:
+        max_grad_norm (float, optional): clip the global L2 norm of all the optimizer's gradients
+            to this value inside the step, as ``clip_grad_norm_`` would (one read-only pass, no
+            gradient write). ``optimizer.grad_norm`` then holds the norm before clipping.
+        master_weights (bool): keep an fp32 copy of bf16/fp16 parameters (``state['master_param']``)
+            and fp32 moments; the parameter becomes the master rounded to nearest even.
+        kahan_summation (bool): for bf16/fp16 parameters without master weights, carry each
+            update's rounding error in ``state['compensation']`` so small updates are not lost.
+        backend (str, optional): force an op backend ('cpu', 'reference', ...); see pyeff.ops.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+        max_grad_norm: float | None = None,
+        master_weights: bool = False,
+        kahan_summation: bool = False,
+        backend: str | None = None,
+    ) -> None:
+        if isinstance(lr, Tensor):
+            if foreach and not capturable:
+                raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+            if lr.numel() != 1:
+                raise ValueError("Tensor lr must be 1-element")
+        _check_hyperparameters(lr, betas, eps, weight_decay)
+        if not ((isinstance(betas[0], float) and isinstance(betas[1], float))
+                or (isinstance(betas[0], Tensor) and isinstance(betas[1], Tensor))):
+            raise ValueError("betas must be either both floats or both Tensors")
+        for i in (0, 1):
+            if isinstance(betas[i], Tensor):
+                if not capturable and foreach:
+                    raise ValueError(f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True")
+                if betas[i].numel() != 1:
+                    raise ValueError(f"Tensor betas[{i}] must be 1-element")
+        betas = tuple(scalar(b) for b in betas)
+
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "amsgrad": amsgrad,
+            "maximize": maximize,
+            "foreach": foreach,
+            "capturable": capturable,
+            "differentiable": differentiable,
+            "fused": fused,
+            "decoupled_weight_decay": decoupled_weight_decay,
+            "master_weights": master_weights,
+            "kahan_summation": kahan_summation,
+        }
+        super().__init__(params, defaults, max_grad_norm=max_grad_norm, backend=backend)
+        if fused:
+            if differentiable:
+                raise RuntimeError("`fused` does not support `differentiable`")
+            if foreach:
+                raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("amsgrad", False)
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("capturable", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("decoupled_weight_decay", False)
+            group.setdefault("fused", None)
+
+    def _validate_group(self, group):
+        _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        if group["differentiable"] and (group["master_weights"] or group["kahan_summation"]):
+            raise RuntimeError("`differentiable` does not support `master_weights` or `kahan_summation`")
+
+    def _init_group(self, group):
+        # One op call per precision mode present in the group (NOTE [low-precision parameter modes]).
+        calls: dict[str, dict[str, list[Tensor]]] = {}
+        amsgrad = group["amsgrad"]
+        for p in group["params"]:
+            grad = p.grad
+            if grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                moment_dtype = torch.float32 if low_precision_mode(group, p) == "master" else p.dtype
+                state["exp_avg"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
+            if amsgrad and "max_exp_avg_sq" not in state:
+                state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"], memory_format=torch.preserve_format)
+            mode = init_low_precision_state(group, p, state, _MOMENTS) if p.dtype in LOW_PRECISION else "plain"
+            if group["differentiable"] and state["step"].requires_grad:
+                raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")
+
+            lists = calls.get(mode)
+            if lists is None:
+                lists = calls[mode] = {k: [] for k in _LISTS}
+            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+            if p.is_complex():  # torch.optim updates complex tensors as their real views
+                p, grad, exp_avg, exp_avg_sq = map(torch.view_as_real, (p, grad, exp_avg, exp_avg_sq))
+            lists["params"].append(p)
+            lists["grads"].append(grad)
+            lists["exp_avgs"].append(exp_avg)
+            lists["exp_avg_sqs"].append(exp_avg_sq)
+            if amsgrad:
+                lists["max_exp_avg_sqs"].append(as_real(state["max_exp_avg_sq"]))
+            lists["state_steps"].append(state["step"])
+            if mode == "master":
+                lists["master_params"].append(state["master_param"])
+            elif mode == "kahan":
+                lists["compensations"].append(state["compensation"])
+        return list(calls.values())
+
+    def _update(self, group, lists, grad_mult, found_inf):
+        if group["differentiable"]:
+            self._differentiable_update(group, lists, grad_mult, found_inf)
+            return
+        beta1, beta2 = group["betas"]
+        adam_step(
+            lists["params"], lists["grads"], lists["exp_avgs"], lists["exp_avg_sqs"], lists["max_exp_avg_sqs"],
+            lists["state_steps"], lists["master_params"], lists["compensations"], lr=scalar(group["lr"]),
+            beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+            amsgrad=group["amsgrad"], maximize=group["maximize"],
+            decoupled_weight_decay=group["decoupled_weight_decay"], grad_mult=grad_mult, found_inf=found_inf,
+            backend=self.backend)
+
+    def _differentiable_update(self, group, lists, grad_mult, found_inf):
+        # Autograd through the update needs torch's own tensor-op implementation.
+        if grad_mult is not None or found_inf is not None:
+            raise RuntimeError("`differentiable=True` does not support loss scaling or `max_grad_norm`")
+        beta1, beta2 = group["betas"]
+        if group["decoupled_weight_decay"]:
+            from torch.optim.adamw import adamw as functional
+        else:
+            from torch.optim.adam import adam as functional
+        functional(lists["params"], lists["grads"], lists["exp_avgs"], lists["exp_avg_sqs"],
+                   lists["max_exp_avg_sqs"], lists["state_steps"], foreach=False, capturable=group["capturable"],
+                   differentiable=True, fused=False, amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2,
+                   lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"])
+
+
+class AdamW(Adam):
+    """Drop-in for :class:`torch.optim.AdamW`: :class:`Adam` with decoupled weight decay."""
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        max_grad_norm: float | None = None,
+        master_weights: bool = False,
+        kahan_summation: bool = False,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
+                         capturable=capturable, differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=True, max_grad_norm=max_grad_norm, master_weights=master_weights,
+                         kahan_summation=kahan_summation, backend=backend)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True

@@ -1,0 +1,36 @@
+# Set-up and the two entry points of README.md: `make bench` (the main job) and `make test`.
+# Everything goes into a virtual environment; torch is pinned to the CPU build on local disk
+# (a bare `torch` would resolve to a multi-GB CUDA build).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PINS ?= torch==2.13.0 triton==3.8.0
+TOOLS ?= ninja numpy pytest hypothesis expecttest matplotlib
+export MAX_JOBS ?= 2
+
+.PHONY: setup build bench bench-full test clean
+
+$(VENV)/.deps: Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(PINS) $(TOOLS)
+	touch $@
+
+setup: $(VENV)/.deps
+
+# --no-build-isolation: compile against the pinned torch above; --no-deps: resolve nothing else.
+build: setup
+	$(BIN)/python -m pip install -q --no-build-isolation --no-deps -e .
+
+bench: build
+	$(BIN)/pyeff info
+	$(BIN)/pyeff bench --quick
+
+bench-full: build
+	$(BIN)/pyeff bench
+
+test: build
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf build pyeff/_C*.so *.egg-info benchmarks/out

@@ -1,0 +1,5 @@
+import sys
+
+from pyeff.cli import main
+
+sys.exit(main())

@@ -1,0 +1,80 @@
+"""The package builds, loads its extension, and describes itself."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pyeff
+from pyeff import _ext
+
+
+def test_extension_is_built():
+    assert _ext.available(), _ext.load_error()
+    assert _ext.cpu_isa() in ("default", "avx2", "avx512")
+
+
+def test_info_command_lists_backends():
+    out = subprocess.run([sys.executable, "-m", "pyeff", "info", "--json"], capture_output=True, text=True, check=True)
+    data = json.loads(out.stdout)
+    assert data["pyeff"] == pyeff.__version__
+    assert data["torch"] == torch.__version__
+    assert set(data["backends"]) == {"reference", "cpu", "cuda", "triton"}
+    assert "cpu" in data["backends"]["cpu"]["usable_on"]
+    assert data["cpu"]["threads"] == torch.get_num_threads()
+    human = subprocess.run([sys.executable, "-m", "pyeff", "info"], capture_output=True, text=True, check=True).stdout
+    assert "backends:" in human and "CPU kernels run with" in human
+
+
+def test_import_without_extension_falls_back_with_one_warning(tmp_path):
+    # Hide pyeff._C: import must still work, warn once, and ops must run on the reference.
+    code = """
+import sys, warnings
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "pyeff._C":
+            raise ImportError("hidden for the test")
+sys.meta_path.insert(0, Block())
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    import torch, pyeff
+    p = torch.nn.Parameter(torch.randn(5))
+    p.grad = torch.randn(5)
+    opt = pyeff.optim.AdamW([p])
+    opt.step(); opt.step()
+msgs = [str(x.message) for x in w if "pyeff._C" in str(x.message)]
+assert len(msgs) == 1, msgs
+assert "pip install --no-build-isolation -e ." in msgs[0]
+from pyeff.ops import OPS
+assert OPS["adam_step"].choose(torch.device("cpu")) == "reference"
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("isa", ["default", "avx2"])
+def test_lower_isa_variants_agree(isa, tmp_path):
+    # Each per-ISA build of the kernel computes the same numbers, bit for bit (same operations).
+    code = """
+import sys, torch, pyeff
+torch.manual_seed(0)
+p = torch.randn(1000); g = torch.randn(1000); m = torch.randn(1000); v = torch.rand(1000)
+s = torch.zeros(())
+torch.ops.pyeff.adam_step_cpu([p], [g], [m], [v], [], [s], [], [], lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8,
+    weight_decay=0.1, amsgrad=False, maximize=False, decoupled_weight_decay=True)
+print(pyeff._ext.cpu_isa()); torch.save([p, m, v], sys.argv[1])
+"""
+    best, low = tmp_path / "best.pt", tmp_path / "low.pt"
+    out_best = subprocess.run([sys.executable, "-c", code, best], capture_output=True, text=True, check=True)
+    out_low = subprocess.run([sys.executable, "-c", code, low], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYEFF_CPU_ISA": isa})
+    order = ["default", "avx2", "avx512"]
+    best_isa = out_best.stdout.strip()
+    assert out_low.stdout.strip() == (isa if order.index(isa) <= order.index(best_isa) else best_isa)
+    for a, b in zip(torch.load(best), torch.load(low)):
+        assert torch.equal(a, b)

@@ -12,6 +12,6 @@ __version__ = "0.1.0"
 
 _ext.load_error()  # one warning, now, if the compiled extension is missing
 
-from . import ops, optim  # noqa: E402
+from . import amp, ops, optim  # noqa: E402
 
-__all__ = ["ops", "optim", "__version__"]
+__all__ = ["amp", "ops", "optim", "__version__"]

@@ -45,13 +45,19 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   const auto dtype = params[0].scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
               kOp, ": expected floating-point parameters (float32, float64, bfloat16, float16), got ", dtype);
+  const auto grad_dtype = grads[0].scalar_type();
+  const bool reduced = dtype != at::kDouble;
+  TORCH_CHECK(grad_dtype == dtype || (reduced && (grad_dtype == at::kFloat || grad_dtype == at::kBFloat16 ||
+                                                  grad_dtype == at::kHalf)),
+              kOp, ": expected grads of dtype ", dtype,
+              (reduced ? " (or float32/bfloat16/float16)" : ""), ", got ", grad_dtype);
   const auto state_dtype = mode == cpu::PrecisionMode::MASTER ? at::kFloat : dtype;
   const auto cpu = c10::DeviceType::CPU;
   std::vector<double> steps(n);
   for (size_t i = 0; i < n; ++i) {
     const auto& p = params[i];
     check_same_layout(kOp, "params", i, p, p, dtype, cpu);
-    check_same_layout(kOp, "grads", i, grads[i], p, dtype, cpu);
+    check_same_layout(kOp, "grads", i, grads[i], p, grad_dtype, cpu);
     check_same_layout(kOp, "exp_avgs", i, exp_avgs[i], p, state_dtype, cpu);
     check_same_layout(kOp, "exp_avg_sqs", i, exp_avg_sqs[i], p, state_dtype, cpu);
     if (amsgrad) check_same_layout(kOp, "max_exp_avg_sqs", i, max_exp_avg_sqs[i], p, state_dtype, cpu);
@@ -70,6 +76,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   a.tensors.resize(n);
   a.offsets = numel_offsets(params);
   a.dtype = dtype;
+  a.grad_dtype = grad_dtype;
   a.mode = mode;
   a.lr = lr;
   a.beta1 = beta1;

@@ -5,7 +5,6 @@ it is missing or fails to load, pyeff still works: every op falls back to its pl
 reference, and one warning says how to build.
 """
 
-import functools
 import warnings
 
 import torch
@@ -16,17 +15,23 @@ BUILD_HINT = (
 )
 
 
-@functools.cache
+_NOT_TRIED = object()
+_error = _NOT_TRIED
+
+
 def load_error() -> str | None:
     """None when pyeff._C is loaded, else why not (the warning is issued once)."""
-    try:
-        from pyeff import _C  # noqa: F401
-    except (ImportError, OSError) as e:
-        msg = f"pyeff: the compiled extension pyeff._C is not available ({e}); every op falls back to " \
-              f"its plain-PyTorch reference, which is correct but slow. To use the fused kernels, {BUILD_HINT}."
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
-        return str(e)
-    return None
+    global _error
+    if _error is _NOT_TRIED:
+        try:
+            from pyeff import _C  # noqa: F401
+            _error = None
+        except (ImportError, OSError) as e:
+            _error = str(e)
+            warnings.warn(f"pyeff: the compiled extension pyeff._C is not available ({e}); every op falls back "
+                          f"to its plain-PyTorch reference, which is correct but slow. To use the fused kernels, "
+                          f"{BUILD_HINT}.", RuntimeWarning, stacklevel=3)
+    return _error
 
 
 def available() -> bool:

@@ -48,7 +48,7 @@ inline void adam_math(const AdamArgs& a, const AdamCoef<T>& c, T& p, T g, T& m, 
   p = p + c.neg_step_size * m / denom;            // param.addcdiv_(exp_avg, denom, value=-step_size)
 }
 
-template <typename P, PrecisionMode MODE>
+template <typename P, typename G, PrecisionMode MODE>
 void adam_span(const AdamArgs& a, const AdamTensor& t, int64_t lo, int64_t hi) {
   using Acc = opmath_t<P>;
   using M = std::conditional_t<MODE == PrecisionMode::MASTER, float, P>;  // moment storage
@@ -56,7 +56,7 @@ void adam_span(const AdamArgs& a, const AdamTensor& t, int64_t lo, int64_t hi) {
   constexpr int64_t kBlock = block_size<Acc>();
 
   auto* param = static_cast<P*>(t.param);
-  auto* grad = static_cast<const P*>(t.grad);
+  auto* grad = static_cast<const G*>(t.grad);
   auto* exp_avg = static_cast<M*>(t.exp_avg);
   auto* exp_avg_sq = static_cast<M*>(t.exp_avg_sq);
   auto* max_sq = static_cast<M*>(t.max_exp_avg_sq);
@@ -74,7 +74,7 @@ void adam_span(const AdamArgs& a, const AdamTensor& t, int64_t lo, int64_t hi) {
     } else {
       Io<P>::load(param + i, p[0], p[1]);
     }
-    Io<P>::load(grad + i, g[0], g[1]);
+    Io<G>::load(grad + i, g[0], g[1]);
     Io<M>::load(exp_avg + i, m[0], m[1]);
     Io<M>::load(exp_avg_sq + i, v[0], v[1]);
     if (a.amsgrad) Io<M>::load(max_sq + i, x[0], x[1]);
@@ -109,7 +109,7 @@ void adam_span(const AdamArgs& a, const AdamTensor& t, int64_t lo, int64_t hi) {
     Acc m = Io<M>::load1(exp_avg + i);
     Acc v = Io<M>::load1(exp_avg_sq + i);
     Acc x = a.amsgrad ? Io<M>::load1(max_sq + i) : Acc(0);
-    adam_math(a, cs, p, Io<P>::load1(grad + i), m, v, x);
+    adam_math(a, cs, p, Acc(Io<G>::load1(grad + i)), m, v, x);
     Io<M>::store1(exp_avg + i, m);
     Io<M>::store1(exp_avg_sq + i, v);
     if (a.amsgrad) Io<M>::store1(max_sq + i, x);
@@ -127,17 +127,27 @@ void adam_span(const AdamArgs& a, const AdamTensor& t, int64_t lo, int64_t hi) {
   }
 }
 
-template <typename P, PrecisionMode MODE>
+template <typename P, typename G, PrecisionMode MODE>
 void run(const AdamArgs& a) {
-  for_each_span(a.offsets, [&](int64_t t, int64_t lo, int64_t hi) { adam_span<P, MODE>(a, a.tensors[t], lo, hi); });
+  for_each_span(a.offsets, [&](int64_t t, int64_t lo, int64_t hi) { adam_span<P, G, MODE>(a, a.tensors[t], lo, hi); });
+}
+
+// fp32/bf16/fp16 parameters take fp32/bf16/fp16 gradients; fp64 parameters fp64 ones.
+template <typename P, PrecisionMode MODE>
+void run_grad(const AdamArgs& a) {
+  switch (a.grad_dtype) {
+    case c10::ScalarType::BFloat16: return run<P, c10::BFloat16, MODE>(a);
+    case c10::ScalarType::Half: return run<P, c10::Half, MODE>(a);
+    default: return run<P, float, MODE>(a);
+  }
 }
 
 template <typename P>
 void run_low_precision(const AdamArgs& a) {
   switch (a.mode) {
-    case PrecisionMode::MASTER: return run<P, PrecisionMode::MASTER>(a);
-    case PrecisionMode::KAHAN: return run<P, PrecisionMode::KAHAN>(a);
-    default: return run<P, PrecisionMode::PLAIN>(a);
+    case PrecisionMode::MASTER: return run_grad<P, PrecisionMode::MASTER>(a);
+    case PrecisionMode::KAHAN: return run_grad<P, PrecisionMode::KAHAN>(a);
+    default: return run_grad<P, PrecisionMode::PLAIN>(a);
   }
 }
 
@@ -145,8 +155,8 @@ void run_low_precision(const AdamArgs& a) {
 
 void adam_kernel(const AdamArgs& a) {
   switch (a.dtype) {
-    case c10::ScalarType::Float: return run<float, PrecisionMode::PLAIN>(a);
-    case c10::ScalarType::Double: return run<double, PrecisionMode::PLAIN>(a);
+    case c10::ScalarType::Float: return run_grad<float, PrecisionMode::PLAIN>(a);
+    case c10::ScalarType::Double: return run<double, double, PrecisionMode::PLAIN>(a);
     case c10::ScalarType::BFloat16: return run_low_precision<c10::BFloat16>(a);
     case c10::ScalarType::Half: return run_low_precision<c10::Half>(a);
     default: return;  // csrc/adam.cpp rejects every other dtype before calling

@@ -33,7 +33,8 @@ struct AdamTensor {
 struct AdamArgs {
   std::vector<AdamTensor> tensors;
   std::vector<int64_t> offsets;  // prefix sums of numels, size tensors.size() + 1
-  c10::ScalarType dtype;         // parameter (and gradient) dtype
+  c10::ScalarType dtype;         // parameter dtype
+  c10::ScalarType grad_dtype;    // = dtype, or any of fp32/bf16/fp16 for fp32/bf16/fp16 parameters
   PrecisionMode mode;
   double lr, beta1, beta2, eps, weight_decay;
   bool amsgrad, maximize, decoupled_weight_decay;

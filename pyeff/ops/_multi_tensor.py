@@ -17,14 +17,17 @@ from torch import Tensor
 TensorLists = dict[str, list[Tensor]]
 
 
-def group_by_device_and_dtype(lists: TensorLists, key: str = "params") -> dict[tuple, TensorLists]:
-    """Split parallel tensor lists into buckets whose `key` tensors share device and dtype.
+def group_by_device_and_dtype(lists: TensorLists, keys: Sequence[str] = ("params", "grads")) -> dict[tuple, TensorLists]:
+    """Split parallel tensor lists into buckets whose tensors share the device of `keys[0]` and the
+    dtype of each list in `keys` (a kernel launch is specialised on those).
 
     Lists that are empty (optional state not in use) stay empty in every bucket.
     """
+    first = lists[keys[0]]
     buckets: dict[tuple, list[int]] = {}
-    for i, t in enumerate(lists[key]):
-        buckets.setdefault((t.device, t.dtype), []).append(i)
+    for i, t in enumerate(first):
+        key = (t.device, *(lists[k][i].dtype for k in keys))
+        buckets.setdefault(key, []).append(i)
     if len(buckets) <= 1:
         return {k: lists for k in buckets}
     return {k: {name: [ts[i] for i in idx] if ts else [] for name, ts in lists.items()}

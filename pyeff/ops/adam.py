@@ -122,15 +122,16 @@ def adam_step(
 ) -> None:
     """One Adam (or AdamW, with `decoupled_weight_decay`) step, in place, over parallel lists.
 
-    Tensors may mix devices and dtypes: each (device, dtype) bucket is one kernel launch (one
-    parallel region on the CPU). `state_steps` are one-element float tensors, incremented unless
+    Tensors may mix devices and dtypes: each (device, parameter dtype, gradient dtype) bucket is one
+    kernel launch (one parallel region on the CPU). Gradients have their parameter's dtype, or for
+    fp32/bf16/fp16 parameters any of fp32/bf16/fp16. `state_steps` are one-element float tensors, incremented unless
     the step is skipped. See the module docstring for the math.
     """
     lists = {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
              "max_exp_avg_sqs": max_exp_avg_sqs, "master_params": master_params or [],
              "compensations": compensations or []}
     lists["state_steps"] = state_steps
-    for (device, _), bucket in group_by_device_and_dtype(lists).items():
+    for (device, *_), bucket in group_by_device_and_dtype(lists).items():
         steps = bucket.pop("state_steps")
         dense, write_back = make_dense(bucket, _MUTATED)
         ADAM.run(_adam_step_op, ADAM.choose(device, backend), dense["params"], dense["grads"], dense["exp_avgs"],

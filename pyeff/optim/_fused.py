@@ -25,6 +25,8 @@ from ..ops._registry import BACKENDS
 from ..ops.grad_stats import grad_stats
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
+# Parameter and gradient dtypes that may differ (torch >= 2.9 allows it through `param.grad_dtype`).
+_MIXABLE = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class FusedOptimizer(Optimizer):
@@ -97,9 +99,10 @@ class FusedOptimizer(Optimizer):
                     continue
                 if g.is_sparse and not self._supports_sparse_grads:
                     raise RuntimeError(f"{name} does not support sparse gradients, please consider SparseAdam instead")
-                if g.dtype != p.dtype:
+                if g.dtype != p.dtype and not (g.dtype in _MIXABLE and p.dtype in _MIXABLE):
                     raise RuntimeError(f"{name}: a gradient of dtype {g.dtype} for a parameter of dtype {p.dtype}; "
-                                       "gradients must have their parameter's dtype")
+                                       "gradients must have their parameter's dtype (float32, bfloat16 and "
+                                       "float16 parameters also take float32, bfloat16 or float16 gradients)")
                 if g.device != p.device:
                     raise RuntimeError(f"{name}: a gradient on {g.device} for a parameter on {p.device}; "
                                        "gradients must be on their parameter's device")

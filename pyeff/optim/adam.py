@@ -82,7 +82,7 @@ class Adam(FusedOptimizer):
                     raise ValueError(f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True")
                 if betas[i].numel() != 1:
                     raise ValueError(f"Tensor betas[{i}] must be 1-element")
-        betas = tuple(scalar(b) for b in betas)
+        betas = tuple(b.squeeze() if isinstance(b, Tensor) else b for b in betas)  # 0-dim, as torch keeps them
 
         defaults = {
             "lr": lr,
@@ -165,7 +165,7 @@ class Adam(FusedOptimizer):
         if group["differentiable"]:
             self._differentiable_update(group, lists, grad_mult, found_inf)
             return
-        beta1, beta2 = group["betas"]
+        beta1, beta2 = map(scalar, group["betas"])
         adam_step(
             lists["params"], lists["grads"], lists["exp_avgs"], lists["exp_avg_sqs"], lists["max_exp_avg_sqs"],
             lists["state_steps"], lists["master_params"], lists["compensations"], lr=scalar(group["lr"]),

@@ -119,16 +119,19 @@ class Row:
 
 
 def rows_from_times(suite: str, case: str, times: dict[str, list[float]], *, numel: int | None = None,
-                    bytes_per_elem: float | None = None, torch_providers: tuple[str, ...] = ()) -> list[Row]:
-    """One row per contender. A contender named CEILING is the bandwidth ceiling for the case: it
-    moves `bytes_per_elem` x `numel` bytes too, and every row's % ceiling is relative to it."""
+                    bytes_per_elem: float | dict[str, float] | None = None,
+                    torch_providers: tuple[str, ...] = ()) -> list[Row]:
+    """One row per contender. `bytes_per_elem` is one figure for all or one per contender. A
+    contender named CEILING is the bandwidth ceiling for the case: it moves the same bytes, and
+    every row's % ceiling is its time relative to the ceiling's."""
     med = {k: statistics.median(v) for k, v in times.items()}
     best_torch = min((med[k] for k in torch_providers if k in med), default=None)
     rows = []
     for name, ts in times.items():
-        row = Row(suite, case, name, med[name] * 1e3, min(ts) * 1e3, max(ts) * 1e3, bytes_per_elem, numel)
-        if numel and bytes_per_elem:
-            row.gbps = numel * bytes_per_elem / med[name] / 1e9
+        nbytes = bytes_per_elem.get(name) if isinstance(bytes_per_elem, dict) else bytes_per_elem
+        row = Row(suite, case, name, med[name] * 1e3, min(ts) * 1e3, max(ts) * 1e3, nbytes, numel)
+        if numel and nbytes:
+            row.gbps = numel * nbytes / med[name] / 1e9
             if CEILING in med:
                 row.pct_ceiling = 100 * med[CEILING] / med[name]
         if best_torch is not None and name != CEILING:

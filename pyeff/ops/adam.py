@@ -17,8 +17,6 @@ low-precision modes of NOTE [low-precision parameter modes] (csrc/cpu/adam_kerne
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -39,8 +37,12 @@ def adam_step_reference(
     amsgrad: bool, maximize: bool, decoupled_weight_decay: bool, grad_mult: Tensor | None,
     found_inf: Tensor | None,
 ) -> None:
-    if found_inf is not None and found_inf.item() != 0:
-        return
+    # Decided on the device, without a sync: a skipped step writes back the old values.
+    skip = None if found_inf is None else found_inf != 0
+
+    def commit(dst: Tensor, new: Tensor) -> None:
+        dst.copy_(new if skip is None else torch.where(skip, dst, new))
+
     for i, param in enumerate(params):
         acc = torch.float64 if param.dtype == torch.float64 else torch.float32
         p = (master_params[i] if master_params else param).to(acc, copy=True)
@@ -58,30 +60,31 @@ def adam_step_reference(
         v = exp_avg_sqs[i].to(acc, copy=True)
         m.lerp_(g, 1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        step = state_steps[i].item() + 1
-        bias_correction2_sqrt = math.sqrt(1 - beta2**step)
-        step_size = lr / (1 - beta1**step)
+        # Bias corrections in double, as torch.optim computes them from Python floats.
+        step = state_steps[i].to(torch.float64) + 1
+        bias_correction2_sqrt = (1 - beta2**step).sqrt().to(acc)
+        neg_step_size = (-lr / (1 - beta1**step)).to(acc)
         if amsgrad:
             vmax = torch.maximum(max_exp_avg_sqs[i].to(acc), v)
-            max_exp_avg_sqs[i].copy_(vmax)
+            commit(max_exp_avg_sqs[i], vmax)
             denom = (vmax.sqrt() / bias_correction2_sqrt).add_(eps)
         else:
             denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
-        p.addcdiv_(m, denom, value=-step_size)
+        p.add_(neg_step_size * m / denom)  # param.addcdiv_(exp_avg, denom, value=-step_size)
 
-        exp_avgs[i].copy_(m)
-        exp_avg_sqs[i].copy_(v)
+        commit(exp_avgs[i], m)
+        commit(exp_avg_sqs[i], v)
         if compensations:  # NOTE [low-precision parameter modes]: compensated summation
             old = param.to(acc)
             y = (p - old) + compensations[i].to(acc)
             rounded = (old + y).to(param.dtype)
-            compensations[i].copy_(y - (rounded.to(acc) - old))
-            param.copy_(rounded)
+            commit(compensations[i], y - (rounded.to(acc) - old))
+            commit(param, rounded)
         else:
             if master_params:
-                master_params[i].copy_(p)
-            param.copy_(p)
-        state_steps[i].add_(1)
+                commit(master_params[i], p)
+            commit(param, p)
+        commit(state_steps[i], state_steps[i] + 1)
 
 
 @ADAM.register("cpu")

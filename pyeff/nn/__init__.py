@@ -2,6 +2,6 @@
 
 from . import functional
 from .loss import CrossEntropyLoss
-from .patch import patch
+from .patch import LinearGELU, patch
 
-__all__ = ["CrossEntropyLoss", "functional", "patch"]
+__all__ = ["CrossEntropyLoss", "LinearGELU", "functional", "patch"]

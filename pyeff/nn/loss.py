@@ -38,7 +38,20 @@ def _check_common(fn: str, target: Tensor, reduction: str, label_smoothing: floa
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
 
 
+def _is_one(grad_output: Tensor) -> bool:
+    """A CPU scalar grad_output of exactly 1 (what loss.backward() passes), checked without a device
+    sync; never under torch.compile, which traces the multiplication."""
+    return (grad_output.numel() == 1 and grad_output.device.type == "cpu" and not torch.compiler.is_compiling()
+            and grad_output.item() == 1.0)
+
+
 def _scale(grad: Tensor, grad_output: Tensor, reduction: str) -> Tensor:
+    # NOTE [gradient in the forward]: a unit grad_output takes the saved gradient as it is. It is
+    # never written to: the saved reference keeps autograd from accumulating into it in place (it
+    # copies instead), so a retained graph gives the same gradient again. A fresh buffer matters on
+    # the CPU, where each new large tensor pays its page faults.
+    if _is_one(grad_output):
+        return grad
     return grad * (grad_output.unsqueeze(-1) if reduction == "none" and grad.dim() == 2 else grad_output)
 
 
@@ -46,9 +59,9 @@ class _CrossEntropy(torch.autograd.Function):
     """Forward: loss and logits' gradient in one op; backward: that gradient times grad_output."""
 
     @staticmethod
-    def forward(ctx, logits, target, weight, ignore_index, label_smoothing, reduction, backend):
+    def forward(ctx, logits, target, weight, ignore_index, label_smoothing, reduction, backend, grad_mode):
         loss, grad = ops.cross_entropy(logits, target, weight, ignore_index, label_smoothing, reduction,
-                                       with_grad=ctx.needs_input_grad[0], backend=backend)
+                                       with_grad=grad_mode and ctx.needs_input_grad[0], backend=backend)
         ctx.reduction = reduction
         ctx.save_for_backward(grad)
         return loss
@@ -57,7 +70,7 @@ class _CrossEntropy(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        return _scale(grad, grad_output, ctx.reduction), None, None, None, None, None, None
+        return _scale(grad, grad_output, ctx.reduction), None, None, None, None, None, None, None
 
 
 def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, size_average=None,
@@ -101,7 +114,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
             raise RuntimeError("pyeff cross_entropy: `weight` requires grad, but the loss is not differentiable "
                                "with respect to the class weights (as in torch); pass weight.detach()")
     loss = _CrossEntropy.apply(logits, rows_target.long(), weight, ignore_index, max(0.0, float(label_smoothing)),
-                               reduction, backend)
+                               reduction, backend, torch.is_grad_enabled())
     return loss.reshape(target.shape) if reduction == "none" else loss
 
 
@@ -118,8 +131,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Forward: loss and every parameter's gradient, chunk by chunk; backward: those times grad_output."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, target, bias, ignore_index, label_smoothing, reduction, chunk_size, backend):
-        need = ctx.needs_input_grad
+    def forward(ctx, hidden, weight, target, bias, ignore_index, label_smoothing, reduction, chunk_size, backend,
+                grad_mode):
+        need = ctx.needs_input_grad if grad_mode else (False,) * 4
         loss, gh, gw, gb = ops.linear_cross_entropy(
             hidden, weight, target, bias, ignore_index, label_smoothing, reduction, chunk_size,
             grad_hidden=need[0], grad_weight=need[1], grad_bias=bias is not None and need[3], backend=backend)
@@ -130,8 +144,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        grads = [g * grad_output if needed else None for g, needed in zip(ctx.saved_tensors, ctx.need)]
-        return grads[0], grads[1], None, grads[2], None, None, None, None, None
+        grads = [_scale(g, grad_output, "sum") if needed else None for g, needed in zip(ctx.saved_tensors, ctx.need)]
+        return grads[0], grads[1], None, grads[2], None, None, None, None, None, None
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None,
@@ -149,5 +163,6 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: T
                          f"{list(hidden.shape)}, got {list(target.shape)}")
     rows_hidden = hidden.reshape(-1, hidden.shape[-1])
     loss = _LinearCrossEntropy.apply(rows_hidden, weight, target.reshape(-1).long(), bias, ignore_index,
-                                     max(0.0, float(label_smoothing)), reduction, chunk_size, backend)
+                                     max(0.0, float(label_smoothing)), reduction, chunk_size, backend,
+                                     torch.is_grad_enabled())
     return loss.reshape(target.shape) if reduction == "none" else loss

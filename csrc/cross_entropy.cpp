@@ -130,7 +130,7 @@ cpu::CrossEntropyArgs make_args(const at::Tensor& logits, const at::Tensor& targ
   return a;
 }
 
-// The whole loss: loss (of logits' dtype; shape (rows,) for reduction 'none', else ()) and, when
+// The whole loss: loss (opmath dtype; shape (rows,) for reduction 'none', else ()) and, when
 // `grad` is given, the gradient of the loss for a unit grad_output.
 void cross_entropy_cpu(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
                        int64_t ignore_index, double label_smoothing, std::string_view reduction,
@@ -143,8 +143,9 @@ void cross_entropy_cpu(const at::Tensor& logits, const at::Tensor& target, const
   TORCH_CHECK(none || mean || reduction == "sum", op, ": expected reduction 'none', 'mean' or 'sum', got '",
               reduction, "'");
   const int64_t rows = logits.size(0);
-  TORCH_CHECK(loss.device().is_cpu() && loss.scalar_type() == logits.scalar_type(), op, ": expected loss to be a ",
-              logits.scalar_type(), " CPU tensor, got ", loss.scalar_type(), " on ", loss.device());
+  const auto acc = opmath(logits.scalar_type());
+  TORCH_CHECK(loss.device().is_cpu() && loss.scalar_type() == acc, op, ": expected loss to be a ", acc,
+              " CPU tensor (the logits' opmath dtype), got ", loss.scalar_type(), " on ", loss.device());
   TORCH_CHECK(none ? (loss.dim() == 1 && loss.size(0) == rows) : loss.dim() == 0, op, ": expected loss of shape ",
               none ? "(rows,)" : "()", " for reduction '", reduction, "', got ", loss.sizes());
   if (grad.has_value()) check_grad(op, *grad, logits, /*allow_float=*/false);
@@ -154,7 +155,7 @@ void cross_entropy_cpu(const at::Tensor& logits, const at::Tensor& target, const
   const double total = total_weight(t, logits.size(1), ignore_index, w);
 
   // ---- the rows, then the reduction in double, in row order
-  const auto row_losses = at::empty({rows}, logits.options().dtype(opmath(logits.scalar_type())));
+  const auto row_losses = at::empty({rows}, logits.options().dtype(acc));
   const double grad_scale = mean ? 1.0 / total : 1.0;  // every row ignored: inf, but no row uses it
   PYEFF_ISA_SELECT(cross_entropy_kernel)(
       make_args(logits, t, w, weight_sum, ignore_index, label_smoothing, grad_scale, row_losses, grad));

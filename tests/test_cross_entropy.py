@@ -398,3 +398,28 @@ def test_models_using_the_losses_compile():
     torch.testing.assert_close(out, expected)
     for g, p in zip(grads, (x, h, w)):
         torch.testing.assert_close(g, p.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_like_torch(backend):
+    # Under autocast torch runs cross-entropy in fp32 (fp32 loss), and linear in bf16.
+    x = torch.randn(6, 40, dtype=torch.bfloat16, requires_grad=True)
+    h = torch.randn(6, 8, requires_grad=True)
+    w = torch.randn(40, 8, requires_grad=True)
+    t = torch.randint(0, 40, (6,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.cross_entropy(x, t)
+        out = pyeff.nn.functional.cross_entropy(x, t, backend=backend)
+        ref_lin = F.cross_entropy(F.linear(h, w), t)
+        out_lin = pyeff.nn.functional.linear_cross_entropy(h, w, t, backend=backend)
+    assert out.dtype == ref.dtype == torch.float32 and out_lin.dtype == ref_lin.dtype == torch.float32
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(out_lin, ref_lin, atol=1e-2, rtol=1e-2)
+    (g_ref,) = torch.autograd.grad(ref, x)
+    (g_out,) = torch.autograd.grad(out, x)
+    torch.testing.assert_close(g_out, g_ref)
+    grads = torch.autograd.grad(out_lin, (h, w))
+    ref_grads = torch.autograd.grad(ref_lin, (h, w))
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == r.dtype == torch.float32
+        torch.testing.assert_close(g, r, atol=2e-2, rtol=2e-2)

@@ -45,6 +45,12 @@ def _is_one(grad_output: Tensor) -> bool:
             and grad_output.item() == 1.0)
 
 
+def _round_like_torch(loss: Tensor, input: Tensor) -> Tensor:
+    """The ops give the loss in fp32 (fp64); torch gives it in the input's dtype, except under autocast,
+    where its cross-entropy runs in fp32."""
+    return loss if torch.is_autocast_enabled(input.device.type) else loss.to(input.dtype)
+
+
 def _scale(grad: Tensor, grad_output: Tensor, reduction: str) -> Tensor:
     # NOTE [gradient in the forward]: a unit grad_output takes the saved gradient as it is. It is
     # never written to: the saved reference keeps autograd from accumulating into it in place (it
@@ -115,6 +121,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
                                "with respect to the class weights (as in torch); pass weight.detach()")
     loss = _CrossEntropy.apply(logits, rows_target.long(), weight, ignore_index, max(0.0, float(label_smoothing)),
                                reduction, backend, torch.is_grad_enabled())
+    loss = _round_like_torch(loss, input)
     return loss.reshape(target.shape) if reduction == "none" else loss
 
 
@@ -161,8 +168,13 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: T
     if hidden.dim() == 0 or tuple(target.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(f"Expected target of shape {list(hidden.shape[:-1])} for hidden of shape "
                          f"{list(hidden.shape)}, got {list(target.shape)}")
+    if torch.is_autocast_enabled(hidden.device.type):  # what autocast does to the inputs of F.linear
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight, bias = (t.to(dtype) if t is not None and t.dtype != torch.float64 else t
+                                for t in (hidden, weight, bias))
     rows_hidden = hidden.reshape(-1, hidden.shape[-1])
     loss = _LinearCrossEntropy.apply(rows_hidden, weight, target.reshape(-1).long(), bias, ignore_index,
                                      max(0.0, float(label_smoothing)), reduction, chunk_size, backend,
                                      torch.is_grad_enabled())
+    loss = _round_like_torch(loss, hidden)
     return loss.reshape(target.shape) if reduction == "none" else loss

@@ -20,8 +20,9 @@ gradient of each row's own loss):
              - \tfrac{\epsilon}{C} w_c - (1-\epsilon)\, w_{t_r} [c = t_r]\big), \quad r \in R;
     \qquad g_{rc} = 0, \quad r \notin R
 
-with s = 1 / \sum_{r\in R} w_{t_r} for 'mean', else 1. The loss and the gradient have the logits'
-dtype. The softmax is never stored: a backward only has to scale g by grad_output
+with s = 1 / \sum_{r\in R} w_{t_r} for 'mean', else 1. The loss is in the opmath dtype (the layers
+round it to the logits' dtype, or keep fp32 under autocast as torch does); the gradient has the
+logits' dtype. The softmax is never stored: a backward only has to scale g by grad_output
 (NOTE [gradient in the forward], pyeff/nn/loss.py). A target outside [0, C) that is not
 ignore_index raises IndexError("Target t is out of bounds."), as torch does on the CPU.
 
@@ -85,18 +86,18 @@ def cross_entropy_reference(logits: Tensor, target: Tensor, weight: Tensor | Non
     else:
         loss = rows.sum() / total
     if not with_grad:
-        return loss.to(logits.dtype), logits.new_empty((0,))
+        return loss, logits.new_empty((0,))
     scale = 1 / total if reduction == "mean" else torch.ones((), dtype=acc, device=x.device)
     g = logp.exp() * ((1 - eps) * w_t + eps * w.sum() / c)[:, None] - eps / c * w
     g = g - torch.nn.functional.one_hot(t, c).to(acc) * ((1 - eps) * w_t)[:, None]
     g = torch.where(valid[:, None], g * scale, 0)
-    return loss.to(logits.dtype), g.to(logits.dtype)
+    return loss, g.to(logits.dtype)
 
 
 @CROSS_ENTROPY.register("cpu")
 def cross_entropy_cpu(logits, target, weight, ignore_index, label_smoothing, reduction, with_grad):
     n = logits.shape[0]
-    loss = logits.new_empty((n,) if reduction == "none" else ())
+    loss = logits.new_empty((n,) if reduction == "none" else (), dtype=opmath_dtype(logits.dtype))
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if with_grad else None
     torch.ops.pyeff.cross_entropy_cpu(logits, target, weight, ignore_index, label_smoothing, reduction, loss, grad)
     return loss, grad if grad is not None else logits.new_empty((0,))
@@ -114,7 +115,7 @@ def cross_entropy_triton(logits, target, weight, ignore_index, label_smoothing, 
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if with_grad else None
     cross_entropy_rows(logits, target, weight, ignore_index, label_smoothing, scale, rows, grad)
     loss = rows if reduction == "none" else rows.sum() if reduction == "sum" else rows.sum() / total
-    return loss.to(logits.dtype), grad if grad is not None else logits.new_empty((0,))
+    return loss, grad if grad is not None else logits.new_empty((0,))
 
 
 @torch.library.custom_op("pyeff::cross_entropy", mutates_args=())
@@ -125,7 +126,7 @@ def _cross_entropy_op(logits: Tensor, target: Tensor, weight: Tensor | None, ign
 
 @_cross_entropy_op.register_fake
 def _(logits, target, weight, ignore_index, label_smoothing, reduction, with_grad, backend):
-    loss = logits.new_empty((logits.shape[0],) if reduction == "none" else ())
+    loss = logits.new_empty((logits.shape[0],) if reduction == "none" else (), dtype=opmath_dtype(logits.dtype))
     grad = logits.new_empty(logits.shape) if with_grad else logits.new_empty((0,))
     return loss, grad
 

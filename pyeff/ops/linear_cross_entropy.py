@@ -11,6 +11,8 @@ opmath = fp32 for bf16/fp16 inputs and fp64 for fp64:
     \nabla_A &= g^\top h, \qquad \nabla_b = \textstyle\sum_r g_r \quad \text{(accumulated in opmath, returned in
         A's and b's dtype)}
 
+The loss is in opmath (the layer rounds it to the input dtype, or keeps fp32 under autocast).
+
 The gradients are for a unit grad_output; each is computed only when asked for (else an empty
 tensor). The backends never hold the (N, V) logits: rows go in chunks of `chunk_size`; per chunk
 they compute its logits, its losses and logit gradient (in place over the chunk's own logits, or
@@ -59,7 +61,7 @@ def linear_cross_entropy_reference(
     gh = g.to(hidden.dtype) @ weight if grad_hidden else empty
     gw = (g.t() @ hidden.to(acc)).to(weight.dtype) if grad_weight else empty
     gb = g.sum(0).to(bias.dtype) if grad_bias else empty
-    return loss.to(hidden.dtype), gh, gw, gb
+    return loss, gh, gw, gb
 
 
 def _chunked(rows_fn, hidden, weight, target, bias, ignore_index, label_smoothing, reduction, chunk_size,
@@ -98,7 +100,7 @@ def _chunked(rows_fn, hidden, weight, target, bias, ignore_index, label_smoothin
         loss = row_losses.sum() / total if reduction == "mean" else row_losses.sum()  # mean of none: nan
     gw = gw.to(weight.dtype) if grad_weight else gw
     gb = gb.to(bias.dtype) if grad_bias else gb
-    return loss.to(dtype), gh, gw, gb
+    return loss, gh, gw, gb
 
 
 def _rows_cpu(logits, target, weight, ignore_index, label_smoothing, grad_scale, row_losses, grad):
@@ -135,7 +137,7 @@ def _linear_cross_entropy_op(
 def _(hidden, weight, target, bias, ignore_index, label_smoothing, reduction, chunk_size, grad_hidden, grad_weight,
       grad_bias, backend):
     empty = hidden.new_empty((0,))
-    loss = hidden.new_empty((hidden.shape[0],) if reduction == "none" else ())
+    loss = hidden.new_empty((hidden.shape[0],) if reduction == "none" else (), dtype=opmath_dtype(hidden.dtype))
     gh = hidden.new_empty(hidden.shape) if grad_hidden else empty
     gw = weight.new_empty(weight.shape) if grad_weight else empty
     gb = bias.new_empty(bias.shape) if grad_bias else empty

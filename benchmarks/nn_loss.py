@@ -132,7 +132,9 @@ def peak_memory(kind: str, provider: str, dims: tuple, dtype: torch.dtype) -> di
     spec = json.dumps([kind, provider, list(dims), str(dtype).removeprefix("torch."), torch.get_num_threads()])
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--probe-memory", spec], env=env,
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"nn_loss: the memory probe of {provider} failed:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -8,8 +8,10 @@ fake implementation, so it traces under torch.compile.
 
 from ._registry import BACKENDS, backend_usable
 from .adam import ADAM, adam_step
+from .cross_entropy import CROSS_ENTROPY, cross_entropy
 from .grad_stats import GRAD_STATS, grad_stats
+from .linear_cross_entropy import LINEAR_CROSS_ENTROPY, linear_cross_entropy
 
-OPS = {op.name: op for op in (ADAM, GRAD_STATS)}
+OPS = {op.name: op for op in (ADAM, GRAD_STATS, CROSS_ENTROPY, LINEAR_CROSS_ENTROPY)}
 
-__all__ = ["BACKENDS", "OPS", "adam_step", "backend_usable", "grad_stats"]
+__all__ = ["BACKENDS", "OPS", "adam_step", "backend_usable", "cross_entropy", "grad_stats", "linear_cross_entropy"]

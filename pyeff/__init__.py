@@ -3,6 +3,7 @@
 - pyeff.optim: Adam, AdamW (and more) as one fused kernel per step, with loss-scale unscaling,
   overflow skip, gradient clipping and fp32 master weights inside the step;
 - pyeff.amp: a GradScaler that lets those optimizers do the overflow check in their own pass;
+- pyeff.nn: fused layers (LayerNorm, RMSNorm, bias + GELU, SwiGLU) as drop-in modules;
 - pyeff.ops: the op layer (contracts, references, backends).
 """
 
@@ -12,6 +13,6 @@ __version__ = "0.1.0"
 
 _ext.load_error()  # one warning, now, if the compiled extension is missing
 
-from . import ops, optim  # noqa: E402
+from . import nn, ops, optim  # noqa: E402
 
-__all__ = ["ops", "optim", "__version__"]
+__all__ = ["nn", "ops", "optim", "__version__"]

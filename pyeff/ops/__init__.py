@@ -7,9 +7,14 @@ fake implementation, so it traces under torch.compile.
 """
 
 from ._registry import BACKENDS, backend_usable
+from .activation import (BIAS_GELU_BACKWARD, BIAS_GELU_FORWARD, SWIGLU_BACKWARD, SWIGLU_FORWARD,
+                         bias_gelu_backward, bias_gelu_forward, swiglu_backward, swiglu_forward)
 from .adam import ADAM, adam_step
 from .grad_stats import GRAD_STATS, grad_stats
+from .norm import NORM_BACKWARD, NORM_FORWARD, norm_backward, norm_forward
 
-OPS = {op.name: op for op in (ADAM, GRAD_STATS)}
+OPS = {op.name: op for op in (ADAM, GRAD_STATS, NORM_FORWARD, NORM_BACKWARD, BIAS_GELU_FORWARD, BIAS_GELU_BACKWARD,
+                              SWIGLU_FORWARD, SWIGLU_BACKWARD)}
 
-__all__ = ["BACKENDS", "OPS", "adam_step", "backend_usable", "grad_stats"]
+__all__ = ["BACKENDS", "OPS", "adam_step", "backend_usable", "bias_gelu_backward", "bias_gelu_forward", "grad_stats",
+           "norm_backward", "norm_forward", "swiglu_backward", "swiglu_forward"]

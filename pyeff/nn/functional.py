@@ -1,0 +1,6 @@
+"""Functional forms of the fused layers (the counterparts of torch.nn.functional)."""
+
+from .activation import bias_gelu, swiglu
+from .norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
+
+__all__ = ["add_layer_norm", "add_rms_norm", "bias_gelu", "layer_norm", "rms_norm", "swiglu"]

@@ -10,24 +10,92 @@ namespace {
 
 constexpr int64_t kTile = 2048;  // columns per task; a multiple of every block size
 
+constexpr double kSqrtHalf = 0.70710678118654752440;
+constexpr double kInvSqrt2Pi = 0.39894228040143267794;
+constexpr double kSqrt2OverPi = 0.79788456080286535588;
+constexpr double kKappa = 0.044715;
+
+// ---- elementary functions. The fp32 ones are written for the arguments these kernels pass: at::vec's
+// erf/exp/tanh call Sleef's general routines, which make GELU compute-bound on the CPU. fp64 (used for
+// gradcheck) keeps at::vec's accurate routines.
+template <typename Acc> struct Elementary;
+
+template <>
+struct Elementary<float> {
+  using V = Vectorized<float>;
+
+  // exp(x) for x <= 0: x = n ln2 + r with |r| <= ln2/2 (ln2 split in two for an exact product),
+  // exp(r) by its degree-6 Taylor polynomial (truncation 1.2e-7 relative), times 2^n built in the
+  // exponent bits; exactly 0 below -87.3 (fp32 underflow), NaN stays NaN.
+  static V exp_nonpositive(const V& x) {
+    const V lo(-87.3f);
+    const V xc = at::vec::maximum(x, lo);
+    const V n = at::vec::fmadd(xc, V(1.44269504088896341f), V(0.5f)).floor();
+    V r = at::vec::fmadd(n, V(-0.693145751953125f), xc);
+    r = at::vec::fmadd(n, V(-1.428606765330187e-06f), r);
+    V p = at::vec::fmadd(V(1.f / 720), r, V(1.f / 120));
+    p = at::vec::fmadd(p, r, V(1.f / 24));
+    p = at::vec::fmadd(p, r, V(1.f / 6));
+    p = at::vec::fmadd(p, r, V(0.5f));
+    p = at::vec::fmadd(p, r, V(1.f));
+    p = at::vec::fmadd(p, r, V(1.f));
+    const auto biased = at::vec::convert_to_int_of_same_size(n) + Vectorized<int32_t>(127);  // in [1, 127]
+    const V scale = at::vec::cast<float>(biased << Vectorized<int32_t>(23));
+    return V::blendv(p * scale, V(0.f), x < lo);
+  }
+
+  // Phi(h) = (1 + erf(h/sqrt2))/2 and e = exp(-h^2/2). erf by Abramowitz & Stegun 7.1.26 (|error| <=
+  // 1.5e-7, the formula torch's vectorized erf uses): erfc(z) = t P(t) exp(-z^2), t = 1/(1 + p z), and
+  // with z = |h|/sqrt2 that exp is e, which the GELU derivative needs too: computed once. The lower
+  // tail Phi(-|h|) = erfc(z)/2 is formed directly, without 1 - erf cancelling.
+  static void normal_cdf_and_exp(const V& h, V& cdf, V& e) {
+    e = exp_nonpositive(h * h * V(-0.5f));
+    const V z = (h * V(float(kSqrtHalf))).abs();
+    const V t = V(1.f) / at::vec::fmadd(V(0.3275911f), z, V(1.f));
+    V poly = at::vec::fmadd(V(1.061405429f), t, V(-1.453152027f));
+    poly = at::vec::fmadd(poly, t, V(1.421413741f));
+    poly = at::vec::fmadd(poly, t, V(-0.284496736f));
+    poly = at::vec::fmadd(poly, t, V(0.254829592f));
+    const V lower = V(0.5f) * poly * t * e;  // Phi(-|h|)
+    cdf = V::blendv(V(1.f) - lower, lower, h < V(0.f));
+  }
+
+  // tanh(u) = sign(u) (1 - e) / (1 + e), e = exp(-2|u|) <= 1.
+  static V tanh(const V& u) {
+    const V e = exp_nonpositive(u.abs() * V(-2.f));
+    const V t = (V(1.f) - e) / (V(1.f) + e);
+    return V::blendv(t, V(0.f) - t, u < V(0.f));
+  }
+};
+
+template <>
+struct Elementary<double> {
+  using V = Vectorized<double>;
+  static V exp_nonpositive(const V& x) { return x.exp(); }
+  static void normal_cdf_and_exp(const V& h, V& cdf, V& e) {
+    e = (h * h * V(-0.5)).exp();
+    cdf = V(0.5) * (V(1.) + (h * V(kSqrtHalf)).erf());
+  }
+  static V tanh(const V& u) { return u.tanh(); }
+};
+
 // GELU and its derivative on opmath vectors, h = x + bias:
-//   erf:  gelu(h) = h/2 (1 + erf(h/sqrt2)),          gelu'(h) = (1 + erf(h/sqrt2))/2 + h exp(-h^2/2)/sqrt(2pi)
+//   erf:  gelu(h) = h Phi(h),  gelu'(h) = Phi(h) + h exp(-h^2/2)/sqrt(2pi),   Phi(h) = (1 + erf(h/sqrt2))/2
 //   tanh: gelu(h) = h/2 (1 + t), t = tanh(k0 (h + k1 h^3)),
 //         gelu'(h) = (1 + t)/2 + h/2 (1 - t^2) k0 (1 + 3 k1 h^2),   k0 = sqrt(2/pi), k1 = 0.044715
 template <typename Acc>
 struct Gelu {
   using V = Vectorized<Acc>;
-  static constexpr double kSqrtHalf = 0.70710678118654752440;
-  static constexpr double kInvSqrt2Pi = 0.39894228040143267794;
-  static constexpr double kSqrt2OverPi = 0.79788456080286535588;
-  static constexpr double kKappa = 0.044715;
+  using E = Elementary<Acc>;
 
   template <GeluApproximation A>
   static V value(const V& h) {
     if constexpr (A == GeluApproximation::NONE) {
-      return h * V(Acc(0.5)) * (V(Acc(1)) + (h * V(Acc(kSqrtHalf))).erf());
+      V cdf, e;
+      E::normal_cdf_and_exp(h, cdf, e);
+      return h * cdf;
     } else {
-      const V t = (V(Acc(kSqrt2OverPi)) * (h + V(Acc(kKappa)) * h * h * h)).tanh();
+      const V t = E::tanh(V(Acc(kSqrt2OverPi)) * (h + V(Acc(kKappa)) * h * h * h));
       return V(Acc(0.5)) * h * (V(Acc(1)) + t);
     }
   }
@@ -35,12 +103,12 @@ struct Gelu {
   template <GeluApproximation A>
   static V derivative(const V& h) {
     if constexpr (A == GeluApproximation::NONE) {
-      const V cdf = V(Acc(0.5)) * (V(Acc(1)) + (h * V(Acc(kSqrtHalf))).erf());
-      const V pdf = (h * h * V(Acc(-0.5))).exp() * V(Acc(kInvSqrt2Pi));
-      return cdf + h * pdf;
+      V cdf, e;
+      E::normal_cdf_and_exp(h, cdf, e);
+      return cdf + h * e * V(Acc(kInvSqrt2Pi));
     } else {
       const V h2 = h * h;
-      const V t = (V(Acc(kSqrt2OverPi)) * (h + V(Acc(kKappa)) * h2 * h)).tanh();
+      const V t = E::tanh(V(Acc(kSqrt2OverPi)) * (h + V(Acc(kKappa)) * h2 * h));
       const V dt = V(Acc(kSqrt2OverPi)) * (V(Acc(1)) + V(Acc(3 * kKappa)) * h2);
       return V(Acc(0.5)) * (V(Acc(1)) + t) + V(Acc(0.5)) * h * (V(Acc(1)) - t * t) * dt;
     }
@@ -157,10 +225,13 @@ void bias_gelu_backward(const BiasGeluBackwardArgs& a) {
   if (dbias) sum_partials(partial.data(), blocks.count, a.cols, a.cols, static_cast<P*>(a.dbias));
 }
 
+// sigmoid(g) = 1 / (1 + exp(-g)), from e = exp(-|g|) <= 1 so that nothing overflows.
 template <typename Acc>
 inline Vectorized<Acc> sigmoid(const Vectorized<Acc>& g) {
   using V = Vectorized<Acc>;
-  return (V(Acc(1)) + (V(Acc(0)) - g).exp()).reciprocal();
+  const V e = Elementary<Acc>::exp_nonpositive(V(Acc(0)) - g.abs());
+  const V d = V(Acc(1)) / (V(Acc(1)) + e);
+  return V::blendv(d, e * d, g < V(Acc(0)));
 }
 
 template <typename T>

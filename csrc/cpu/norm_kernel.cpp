@@ -1,7 +1,7 @@
-// LayerNorm / RMSNorm rows. Each row is read from memory once per pass but stays in cache between
-// passes, so the statistics use two passes (mean, then the centred sum of squares) for accuracy at
-// no memory cost. Statistics are accumulated in fp32 vector lanes (fp64 for fp64 input); the scalar
-// tail repeats the body's operations in the same order.
+// LayerNorm / RMSNorm rows: a pass for the statistics and a pass for the output, the row staying in
+// cache between them (a third, exact variance pass when NOTE [one-pass variance] asks for it).
+// Statistics are accumulated in fp32 vector lanes (fp64 for fp64 input); the scalar tail repeats the
+// body's operations in the same order.
 #include "cpu/norm_kernel.h"
 
 #include "cpu/rowwise.h"
@@ -29,6 +29,47 @@ struct Params {
   }
 };
 
+// Pass 1 over a row: h = x (+ residual, stored rounded to T: the norm sees what is returned) and
+// sum(h), sum(h^2) (only the latter for RMSNorm), four independent vector accumulators.
+template <typename T, bool RMS, bool RESIDUAL>
+void row_sums(const T* x, const T* res, T* sum, int64_t n, opmath_t<T>& s_out, opmath_t<T>& sq_out) {
+  using Acc = opmath_t<T>;
+  using V = Vectorized<Acc>;
+  constexpr int64_t kB = block_size<Acc>();
+  V s0(Acc(0)), s1(Acc(0)), q0(Acc(0)), q1(Acc(0));
+  int64_t i = 0;
+  for (; i + kB <= n; i += kB) {
+    V p, q;
+    Io<T>::load(x + i, p, q);
+    if constexpr (RESIDUAL) {
+      V rp, rq;
+      Io<T>::load(res + i, rp, rq);
+      p = p + rp;
+      q = q + rq;
+      Io<T>::store(sum + i, p, q);
+      Io<T>::round(p, q);
+    }
+    if constexpr (!RMS) {
+      s0 = s0 + p;
+      s1 = s1 + q;
+    }
+    q0 = q0 + p * p;
+    q1 = q1 + q * q;
+  }
+  Acc s = vsum(s0 + s1), sq = vsum(q0 + q1);
+  for (; i < n; ++i) {
+    Acc v = Io<T>::load1(x + i);
+    if constexpr (RESIDUAL) {
+      v = Io<T>::round1(v + Io<T>::load1(res + i));
+      Io<T>::store1(sum + i, v);
+    }
+    s += v;
+    sq += v * v;
+  }
+  s_out = s;
+  sq_out = sq;
+}
+
 template <typename T, typename P, bool RMS>
 void forward_rows(const NormForwardArgs& a, const Params<P>& prm, int64_t r0, int64_t r1) {
   using Acc = opmath_t<T>;
@@ -40,76 +81,52 @@ void forward_rows(const NormForwardArgs& a, const Params<P>& prm, int64_t r0, in
     const T* x = static_cast<const T*>(a.x) + r * n;
     T* y = static_cast<T*>(a.y) + r * n;
     const T* h = x;
-
-    // ---- pass 1: h = x + residual (stored, rounded to T: the norm sees what is returned), and
-    // sum(h) for LayerNorm or sum(h^2) for RMSNorm.
-    V s0(Acc(0)), s1(Acc(0));
-    Acc s;
-    int64_t i = 0;
+    Acc s, sq;
     if (a.residual != nullptr) {
-      const T* res = static_cast<const T*>(a.residual) + r * n;
       T* sum = static_cast<T*>(a.sum) + r * n;
-      for (; i + kB <= n; i += kB) {
-        V p, q, rp, rq;
-        Io<T>::load(x + i, p, q);
-        Io<T>::load(res + i, rp, rq);
-        p = p + rp;
-        q = q + rq;
-        Io<T>::store(sum + i, p, q);
-        Io<T>::round(p, q);
-        s0 = RMS ? s0 + p * p : s0 + p;
-        s1 = RMS ? s1 + q * q : s1 + q;
-      }
-      s = vsum(s0 + s1);
-      for (; i < n; ++i) {
-        const Acc v = Io<T>::round1(Io<T>::load1(x + i) + Io<T>::load1(res + i));
-        Io<T>::store1(sum + i, v);
-        s += RMS ? v * v : v;
-      }
+      row_sums<T, RMS, true>(x, static_cast<const T*>(a.residual) + r * n, sum, n, s, sq);
       h = sum;
     } else {
-      for (; i + kB <= n; i += kB) {
-        V p, q;
-        Io<T>::load(x + i, p, q);
-        s0 = RMS ? s0 + p * p : s0 + p;
-        s1 = RMS ? s1 + q * q : s1 + q;
-      }
-      s = vsum(s0 + s1);
-      for (; i < n; ++i) {
-        const Acc v = Io<T>::load1(x + i);
-        s += RMS ? v * v : v;
-      }
+      row_sums<T, RMS, false>(x, nullptr, nullptr, n, s, sq);
     }
 
-    // ---- pass 2 (LayerNorm): var = mean((h - mean)^2)
     Acc mean = Acc(0), rstd;
     if constexpr (RMS) {
-      rstd = Acc(1) / std::sqrt(s / Acc(n) + eps);
+      rstd = Acc(1) / std::sqrt(sq / Acc(n) + eps);
     } else {
       mean = s / Acc(n);
-      const V m(mean);
-      V v0(Acc(0)), v1(Acc(0));
-      for (i = 0; i + kB <= n; i += kB) {
-        V p, q;
-        Io<T>::load(h + i, p, q);
-        p = p - m;
-        q = q - m;
-        v0 = v0 + p * p;
-        v1 = v1 + q * q;
+      Acc var = sq / Acc(n) - mean * mean;
+      // NOTE [one-pass variance]: E[h^2] - mean^2 is as accurate as the centred sum while the mean is
+      // no larger than the spread (mean^2 <= var: at most one bit cancels), which is the usual case;
+      // otherwise (and for NaN) the exact second pass over the row, still in cache, decides.
+      if (!(mean * mean <= var)) {
+        const V m(mean);
+        V v0(Acc(0)), v1(Acc(0));
+        int64_t i = 0;
+        for (; i + kB <= n; i += kB) {
+          V p, q;
+          Io<T>::load(h + i, p, q);
+          p = p - m;
+          q = q - m;
+          v0 = v0 + p * p;
+          v1 = v1 + q * q;
+        }
+        var = vsum(v0 + v1);
+        for (; i < n; ++i) {
+          const Acc d = Io<T>::load1(h + i) - mean;
+          var += d * d;
+        }
+        var = var / Acc(n);
       }
-      Acc var = vsum(v0 + v1);
-      for (; i < n; ++i) {
-        const Acc d = Io<T>::load1(h + i) - mean;
-        var += d * d;
-      }
-      rstd = Acc(1) / std::sqrt(var / Acc(n) + eps);
+      rstd = Acc(1) / std::sqrt(var + eps);
       static_cast<Acc*>(a.mean)[r] = mean;
     }
     static_cast<Acc*>(a.rstd)[r] = rstd;
 
-    // ---- pass 3: y = (h - mean) * rstd * weight + bias   (RMSNorm: y = h * rstd * weight)
+    // ---- last pass: y = (h - mean) * rstd * weight + bias   (RMSNorm: y = h * rstd * weight)
     const V m(mean), rs(rstd);
-    for (i = 0; i + kB <= n; i += kB) {
+    int64_t i = 0;
+    for (; i + kB <= n; i += kB) {
       V p, q, wp, wq;
       Io<T>::load(h + i, p, q);
       Io<P>::load(prm.weight + i, wp, wq);
@@ -131,23 +148,31 @@ void forward_rows(const NormForwardArgs& a, const Params<P>& prm, int64_t r0, in
   }
 }
 
-// One row of the backward. With xhat = (h - mean) * rstd and g = dy * weight:
-//   dh = rstd * (g - mean(g) - xhat * mean(g * xhat)) + dsum       (RMSNorm: no mean(g) term)
-//   dweight += dy * xhat,  dbias += dy                               (into this block's partial row)
-template <typename T, typename P, bool RMS, bool PARAM_GRADS>
-void backward_row(const NormBackwardArgs& a, const P* weight, int64_t r, opmath_t<T>* dw, opmath_t<T>* db) {
+// The backward, with xhat = (h - mean) * rstd and g = dy * weight:
+//   dh = rstd * (g - (c1 + xhat * c2)) + dsum,  c1 = mean(g) (0 for RMSNorm), c2 = mean(g * xhat)
+//   dweight += dy * xhat,  dbias += dy          (into the row block's partial row)
+// Rows go in groups of kGroup: pass 1 gives each row its c1, c2; pass 2 then walks the group's rows
+// together, block by block, so the partial row is loaded and stored once per group rather than once
+// per row (stores are what limits this loop).
+constexpr int64_t kGroup = 4;
+
+template <typename Acc>
+struct RowCoefficients {
+  Acc mean, rstd, c1, c2;
+};
+
+// Pass 1 over one row: c1 and c2.
+template <typename T, typename P, bool RMS>
+RowCoefficients<opmath_t<T>> row_coefficients(const NormBackwardArgs& a, const P* weight, int64_t r) {
   using Acc = opmath_t<T>;
   using V = Vectorized<Acc>;
   constexpr int64_t kB = block_size<Acc>();
   const int64_t n = a.cols;
   const T* h = static_cast<const T*>(a.h) + r * n;
   const T* dy = static_cast<const T*>(a.dy) + r * n;
-  T* dx = static_cast<T*>(a.dx) + r * n;
   const Acc mean = RMS ? Acc(0) : static_cast<const Acc*>(a.mean)[r];
   const Acc rstd = static_cast<const Acc*>(a.rstd)[r];
   const V m(mean), rs(rstd);
-
-  // ---- pass 1: sum(g), sum(g * xhat); the parameter gradients' partial sums
   V g0(Acc(0)), g1(Acc(0)), gx0(Acc(0)), gx1(Acc(0));
   int64_t i = 0;
   for (; i + kB <= n; i += kB) {
@@ -155,60 +180,94 @@ void backward_row(const NormBackwardArgs& a, const P* weight, int64_t r, opmath_
     Io<T>::load(h + i, hp, hq);
     Io<T>::load(dy + i, dp, dq);
     Io<P>::load(weight + i, wp, wq);
-    const V xp = (hp - m) * rs, xq = (hq - m) * rs;
     const V gp = dp * wp, gq = dq * wq;
     g0 = g0 + gp;
     g1 = g1 + gq;
-    gx0 = gx0 + gp * xp;
-    gx1 = gx1 + gq * xq;
-    if constexpr (PARAM_GRADS) {
-      V ap, aq;
-      Io<Acc>::load(dw + i, ap, aq);
-      Io<Acc>::store(dw + i, ap + dp * xp, aq + dq * xq);
-      if constexpr (!RMS) {
-        Io<Acc>::load(db + i, ap, aq);
-        Io<Acc>::store(db + i, ap + dp, aq + dq);
-      }
-    }
+    gx0 = gx0 + gp * ((hp - m) * rs);
+    gx1 = gx1 + gq * ((hq - m) * rs);
   }
   Acc sum_g = vsum(g0 + g1), sum_gx = vsum(gx0 + gx1);
   for (; i < n; ++i) {
-    const Acc d = Io<T>::load1(dy + i);
-    const Acc xhat = (Io<T>::load1(h + i) - mean) * rstd;
-    const Acc g = d * Io<P>::load1(weight + i);
+    const Acc g = Io<T>::load1(dy + i) * Io<P>::load1(weight + i);
     sum_g += g;
-    sum_gx += g * xhat;
-    if constexpr (PARAM_GRADS) {
-      dw[i] = dw[i] + d * xhat;
-      if constexpr (!RMS) db[i] = db[i] + d;
-    }
+    sum_gx += g * ((Io<T>::load1(h + i) - mean) * rstd);
   }
+  return {mean, rstd, RMS ? Acc(0) : sum_g / Acc(n), sum_gx / Acc(n)};
+}
 
-  // ---- pass 2: dh = rstd * (g - (c1 + xhat * c2)) [+ dsum]
-  const Acc c1 = RMS ? Acc(0) : sum_g / Acc(n), c2 = sum_gx / Acc(n);
-  const V vc1(c1), vc2(c2);
-  const T* ds = a.dsum != nullptr ? static_cast<const T*>(a.dsum) + r * n : nullptr;
-  for (i = 0; i + kB <= n; i += kB) {
-    V hp, hq, dp, dq, wp, wq;
-    Io<T>::load(h + i, hp, hq);
-    Io<T>::load(dy + i, dp, dq);
+// Pass 2 over rows r0 .. r0 + g - 1 (g <= kGroup): dx, and the group's terms of the partial sums.
+template <typename T, typename P, bool RMS, bool PARAM_GRADS>
+void group_pass2(const NormBackwardArgs& a, const P* weight, int64_t r0, int64_t g,
+                 const RowCoefficients<opmath_t<T>>* rc, opmath_t<T>* dw, opmath_t<T>* db) {
+  using Acc = opmath_t<T>;
+  using V = Vectorized<Acc>;
+  constexpr int64_t kB = block_size<Acc>();
+  const int64_t n = a.cols;
+  const T* h = static_cast<const T*>(a.h) + r0 * n;
+  const T* dy = static_cast<const T*>(a.dy) + r0 * n;
+  const T* ds = a.dsum != nullptr ? static_cast<const T*>(a.dsum) + r0 * n : nullptr;
+  T* dx = static_cast<T*>(a.dx) + r0 * n;
+  V m[kGroup], rs[kGroup], c1[kGroup], c2[kGroup];
+  for (int64_t k = 0; k < g; ++k) {
+    m[k] = V(rc[k].mean);
+    rs[k] = V(rc[k].rstd);
+    c1[k] = V(rc[k].c1);
+    c2[k] = V(rc[k].c2);
+  }
+  int64_t i = 0;
+  for (; i + kB <= n; i += kB) {
+    V wp, wq, dwp, dwq, dbp, dbq;
     Io<P>::load(weight + i, wp, wq);
-    const V xp = (hp - m) * rs, xq = (hq - m) * rs;
-    V op = rs * (dp * wp - (vc1 + xp * vc2));
-    V oq = rs * (dq * wq - (vc1 + xq * vc2));
-    if (ds != nullptr) {
-      V sp, sq;
-      Io<T>::load(ds + i, sp, sq);
-      op = op + sp;
-      oq = oq + sq;
+    if constexpr (PARAM_GRADS) {
+      Io<Acc>::load(dw + i, dwp, dwq);
+      if constexpr (!RMS) Io<Acc>::load(db + i, dbp, dbq);
     }
-    Io<T>::store(dx + i, op, oq);
+    for (int64_t k = 0; k < g; ++k) {
+      const int64_t o = k * n + i;
+      V hp, hq, dp, dq;
+      Io<T>::load(h + o, hp, hq);
+      Io<T>::load(dy + o, dp, dq);
+      const V xp = (hp - m[k]) * rs[k], xq = (hq - m[k]) * rs[k];
+      V op = rs[k] * (dp * wp - (c1[k] + xp * c2[k]));
+      V oq = rs[k] * (dq * wq - (c1[k] + xq * c2[k]));
+      if (ds != nullptr) {
+        V sp, sq;
+        Io<T>::load(ds + o, sp, sq);
+        op = op + sp;
+        oq = oq + sq;
+      }
+      Io<T>::store(dx + o, op, oq);
+      if constexpr (PARAM_GRADS) {
+        dwp = dwp + dp * xp;
+        dwq = dwq + dq * xq;
+        if constexpr (!RMS) {
+          dbp = dbp + dp;
+          dbq = dbq + dq;
+        }
+      }
+    }
+    if constexpr (PARAM_GRADS) {
+      Io<Acc>::store(dw + i, dwp, dwq);
+      if constexpr (!RMS) Io<Acc>::store(db + i, dbp, dbq);
+    }
   }
   for (; i < n; ++i) {
-    const Acc xhat = (Io<T>::load1(h + i) - mean) * rstd;
-    Acc o = rstd * (Io<T>::load1(dy + i) * Io<P>::load1(weight + i) - (c1 + xhat * c2));
-    if (ds != nullptr) o = o + Io<T>::load1(ds + i);
-    Io<T>::store1(dx + i, o);
+    const Acc w = Io<P>::load1(weight + i);
+    Acc dwi = PARAM_GRADS ? dw[i] : Acc(0), dbi = PARAM_GRADS && !RMS ? db[i] : Acc(0);
+    for (int64_t k = 0; k < g; ++k) {
+      const int64_t o = k * n + i;
+      const Acc d = Io<T>::load1(dy + o);
+      const Acc xhat = (Io<T>::load1(h + o) - rc[k].mean) * rc[k].rstd;
+      Acc out = rc[k].rstd * (d * w - (rc[k].c1 + xhat * rc[k].c2));
+      if (ds != nullptr) out = out + Io<T>::load1(ds + o);
+      Io<T>::store1(dx + o, out);
+      dwi = dwi + d * xhat;
+      dbi = dbi + d;
+    }
+    if constexpr (PARAM_GRADS) {
+      dw[i] = dwi;
+      if constexpr (!RMS) db[i] = dbi;
+    }
   }
 }
 
@@ -218,17 +277,21 @@ void backward(const NormBackwardArgs& a) {
   const int64_t n = a.cols;
   const Params<P> prm(a.weight, nullptr, n, false);
   const bool param_grads = a.dweight != nullptr || a.dbias != nullptr;
-  // NOTE [deterministic column sums] (rowwise.h): one partial [dweight | dbias] row per block.
+  // NOTE [deterministic column sums] (rowwise.h): one partial [dweight | dbias] row per block, the
+  // block's rows added in row order.
   const RowBlocks blocks(a.rows, n);
   std::vector<Acc> partial(param_grads ? blocks.count * 2 * n : 0, Acc(0));
   at::parallel_for(0, blocks.count, 1, [&](int64_t b0, int64_t b1) {
+    RowCoefficients<Acc> rc[kGroup];
     for (int64_t b = b0; b < b1; ++b) {
       Acc* dw = param_grads ? partial.data() + b * 2 * n : nullptr;
-      for (int64_t r = blocks.begin(b); r < blocks.end(b); ++r) {
+      for (int64_t r = blocks.begin(b); r < blocks.end(b); r += kGroup) {
+        const int64_t g = std::min(kGroup, blocks.end(b) - r);
+        for (int64_t k = 0; k < g; ++k) rc[k] = row_coefficients<T, P, RMS>(a, prm.weight, r + k);
         if (param_grads) {
-          backward_row<T, P, RMS, true>(a, prm.weight, r, dw, dw + n);
+          group_pass2<T, P, RMS, true>(a, prm.weight, r, g, rc, dw, dw + n);
         } else {
-          backward_row<T, P, RMS, false>(a, prm.weight, r, nullptr, nullptr);
+          group_pass2<T, P, RMS, false>(a, prm.weight, r, g, rc, nullptr, nullptr);
         }
       }
     }

@@ -168,6 +168,14 @@ def test_gelu_module_and_swiglu_match_torch(dtype):
         torch.testing.assert_close(g, g_t, rtol=TORCH_TOL[dtype], atol=TORCH_TOL[dtype])
 
 
+def test_non_contiguous_inputs():
+    x = torch.randn(30, 4, 5).transpose(0, 2)  # (5, 4, 30), not contiguous
+    b = torch.randn(60)[::2]
+    torch.testing.assert_close(PF.bias_gelu(x, b), F.gelu(x + b))
+    torch.testing.assert_close(PF.swiglu(x), F.silu(x[..., :15]) * x[..., 15:])
+    torch.testing.assert_close(PF.swiglu(x, x.flip(-1)), F.silu(x) * x.flip(-1))
+
+
 def test_linear_gelu_constructor_and_state_dict_are_torch():
     for kwargs in ({}, {"bias": False}, {"dtype": torch.bfloat16}):
         ours, theirs = pyeff.nn.LinearGELU(5, 7, **kwargs), torch.nn.Linear(5, 7, **kwargs)
@@ -349,3 +357,41 @@ def test_model_compiles_with_torch_compile():
     compiled = step(torch.compile(model, fullgraph=True))
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- op registration, GPU
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_custom_ops_pass_opcheck(backend):
+    # Schema, fake implementation and tracing of the registered ops (what torch.compile relies on).
+    x, u, dy, b = torch.randn(5, 7), torch.randn(5, 7), torch.randn(5, 7), torch.randn(7)
+    torch.library.opcheck(ops._bias_gelu_forward_op, (x, b, "tanh", backend))
+    torch.library.opcheck(ops._bias_gelu_backward_op, (dy, x, b, "none", True, backend))
+    torch.library.opcheck(ops._swiglu_forward_op, (torch.randn(5, 14), None, backend))
+    torch.library.opcheck(ops._swiglu_backward_op, (dy, x, u, backend))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_on_gpu(dtype):
+    for rows, n in [(4096, 4096), (1000, 4099), (3, 20000), (513, 77)]:
+        x = (torch.randn(rows, n, dtype=dtype) * 3).cuda()
+        b = torch.randn(n, dtype=dtype).cuda()
+        dy = torch.randn(rows, n, dtype=dtype).cuda()
+        for approximate in ("none", "tanh"):
+            close(ops.bias_gelu_forward(x, b, approximate), ops.bias_gelu_forward(x, b, approximate, backend="reference"),
+                  dtype)
+            got = ops.bias_gelu_backward(dy, x, b, approximate, True)
+            want = ops.bias_gelu_backward(dy, x, b, approximate, True, backend="reference")
+            close(got[0], want[0], dtype)
+            close(got[1], want[1], dtype, scale=rows**0.5)
+        packed = torch.cat([x, dy], dim=1)
+        close(ops.swiglu_forward(packed, None), ops.swiglu_forward(packed, None, backend="reference"), dtype)
+        close(ops.swiglu_backward(dy, x, dy), ops.swiglu_backward(dy, x, dy, backend="reference"), dtype)
+    # the layers, end to end
+    m = pyeff.nn.LinearGELU(64, 96, approximate="tanh").cuda()
+    x = torch.randn(8, 17, 64, device="cuda", requires_grad=True)
+    y = m(x)
+    torch.testing.assert_close(y, F.gelu(F.linear(x, m.weight, m.bias), approximate="tanh"), rtol=1e-5, atol=1e-5)
+    torch.autograd.grad(y.sum(), [x, m.weight, m.bias])

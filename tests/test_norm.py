@@ -181,6 +181,17 @@ def test_residual_variant_matches_unfused_torch(dtype, kind):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol * 6)
 
 
+def test_non_contiguous_input_and_parameters():
+    x = torch.randn(40, 6, 3).transpose(0, 2)  # (3, 6, 40), not contiguous
+    w = torch.randn(80)[::2]
+    b = torch.randn(40)
+    r = torch.randn(3, 40, 6).transpose(1, 2)
+    torch.testing.assert_close(PF.layer_norm(x, (40,), w, b), torch.nn.functional.layer_norm(x, (40,), w, b))
+    y, h = PF.add_rms_norm(x, r, (40,), w, 1e-5)
+    torch.testing.assert_close(y, torch.nn.functional.rms_norm(x + r, (40,), w, 1e-5))
+    torch.testing.assert_close(h, x + r)
+
+
 def test_rms_norm_eps_none_is_torch_default():
     x = torch.randn(4, 16) * 1e-3  # small enough that eps matters
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
@@ -390,3 +401,41 @@ torch.save(out, sys.argv[1])
     for isa in ("default", "avx2"):
         for a, b in zip(results["best"], results[isa]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * 37**0.5)
+
+
+# ---------------------------------------------------------------- op registration, GPU
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_custom_ops_pass_opcheck(backend):
+    # Schema, fake implementation and tracing of the registered ops (what torch.compile relies on).
+    x, r, w, b = make_case(5, 7, torch.float32, torch.float32, False, True, True, True)
+    y, h, mean, rstd = ops.norm_forward(x, r, w, b, 1e-5, False, backend="reference")
+    torch.library.opcheck(ops._norm_forward_op, (x, r, w, b, 1e-5, False, backend))
+    torch.library.opcheck(ops._norm_forward_op, (x, None, w, None, 1e-5, True, backend))
+    torch.library.opcheck(ops._norm_backward_op, (torch.randn_like(x), torch.randn_like(x), h, w, mean, rstd, False,
+                                                  True, True, backend))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+def test_triton_on_gpu(dtype, rms):
+    for rows, n in [(4096, 1024), (1000, 4099), (3, 20000), (513, 77)]:
+        x, r, w, b = make_case(rows, n, dtype, dtype, rms, True, True, True)
+        x, r, w = x.cuda(), r.cuda(), w.cuda()
+        b = b.cuda() if b is not None else None
+        want = ops.norm_forward(x, r, w, b, 1e-5, rms, backend="reference")
+        got = ops.norm_forward(x, r, w, b, 1e-5, rms)  # the automatic choice on CUDA: triton
+        for g, e in zip(got, want):
+            close(g, e, dtype)
+        dy, dh = torch.randn_like(x), torch.randn_like(x)
+        args = (dy, dh, want[1], w, want[2], want[3], rms, True, not rms)
+        for name, g, e in zip(["dx", "dw", "db"], ops.norm_backward(*args), ops.norm_backward(*args, backend="reference")):
+            torch.testing.assert_close(g, e, rtol=TOL[dtype], atol=TOL[dtype] * rows**0.5, msg=lambda m: f"{name}: {m}")
+    # the modules, end to end
+    m = (pyeff.nn.RMSNorm(256) if rms else pyeff.nn.LayerNorm(256)).cuda().to(dtype)
+    x = torch.randn(8, 33, 256, device="cuda", dtype=dtype, requires_grad=True)
+    y = m(x)
+    y_t = _torch_twin(m).cuda()(x)
+    torch.testing.assert_close(y, y_t, rtol=TORCH_TOL[dtype], atol=TORCH_TOL[dtype])

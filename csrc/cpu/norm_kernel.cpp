@@ -25,7 +25,7 @@ struct Params {
     if (w == nullptr || (need_bias && b == nullptr)) fill.assign(2 * cols, P(0));
     if (w == nullptr) std::fill(fill.begin(), fill.begin() + cols, P(1));
     weight = w ? static_cast<const P*>(w) : fill.data();
-    bias = b ? static_cast<const P*>(b) : fill.data() + cols;
+    bias = b ? static_cast<const P*>(b) : (fill.empty() ? nullptr : fill.data() + cols);
   }
 };
 

@@ -3,7 +3,8 @@
 - pyeff.optim: Adam, AdamW (and more) as one fused kernel per step, with loss-scale unscaling,
   overflow skip, gradient clipping and fp32 master weights inside the step;
 - pyeff.amp: a GradScaler that lets those optimizers do the overflow check in their own pass;
-- pyeff.nn: fused layers (losses that compute their gradient in the forward, ...) and patch(model);
+- pyeff.nn: fused layers (LayerNorm, RMSNorm, bias + GELU, SwiGLU, losses that compute their
+  gradient in the forward) as drop-in modules, and patch(model), which swaps them in;
 - pyeff.ops: the op layer (contracts, references, backends).
 """
 

@@ -23,29 +23,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-
-class LinearGELU(nn.Linear):
-    """nn.Linear followed by nn.GELU, with the bias add fused into the GELU
-    (pyeff.nn.functional.bias_gelu). Parameters and state_dict are those of nn.Linear."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
-                 approximate: str = "none"):
-        if not bias:
-            raise RuntimeError("LinearGELU fuses the bias into the GELU; for `bias=False` use nn.Linear and nn.GELU")
-        if approximate not in ("none", "tanh"):
-            raise ValueError(f"Invalid approximate: {approximate!r}; expected 'none' or 'tanh'")
-        super().__init__(in_features, out_features, bias, device, dtype)
-        self.approximate = approximate
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        from .functional import bias_gelu
-
-        return bias_gelu(F.linear(input, self.weight), self.bias, self.approximate)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, approximate={self.approximate!r}"
+from .activation import LinearGELU
 
 
 def _has_hooks(m: nn.Module) -> bool:

@@ -74,7 +74,8 @@ def _extension():
     plain = _rel(p for p in ROOT.glob("csrc/**/*.cpp") if p.name not in {Path(k).name for k in kernels})
     cuda_sources = _rel(ROOT.glob("csrc/**/*.cu"))
 
-    cxx = ["-O3", "-g0", "-std=c++17", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-Wno-psabi"]
+    cxx = ["-O3", "-g0", "-std=c++17", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-Wno-psabi",
+           "-Wno-maybe-uninitialized"]  # the last two: false alarms from the at::vec headers
     if os.environ.get("PYEFF_PORTABLE", "0") in ("", "0") and _is_x86():
         cxx.append("-march=native")
     macros = []

@@ -144,13 +144,17 @@ def _fmt(x, spec: str) -> str:
     return "" if x is None else format(x, spec)
 
 
+def _notes(extra: dict) -> str:
+    return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in extra.items())
+
+
 def markdown(rows: list[Row]) -> str:
-    head = "| suite | case | provider | median ms | spread ms | B/elem | GB/s | % ceiling | vs best torch |"
-    lines = [head, "|" + "---|" * 9]
+    head = "| suite | case | provider | median ms | spread ms | B/elem | GB/s | % ceiling | vs best torch | notes |"
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
         lines.append(f"| {r.suite} | {r.case} | {r.provider} | {r.ms:.2f} | {r.ms_min:.2f}-{r.ms_max:.2f} | "
                      f"{_fmt(r.bytes_per_elem, '.0f')} | {_fmt(r.gbps, '.1f')} | {_fmt(r.pct_ceiling, '.0f')} | "
-                     f"{_fmt(r.vs_best_torch, '.2f')}{'x' if r.vs_best_torch else ''} |")
+                     f"{_fmt(r.vs_best_torch, '.2f')}{'x' if r.vs_best_torch else ''} | {_notes(r.extra)} |")
     return "\n".join(lines)
 
 

@@ -7,9 +7,10 @@ fake implementation, so it traces under torch.compile.
 """
 
 from ._registry import BACKENDS, backend_usable
+from .adagrad import ADAGRAD, adagrad_step
 from .adam import ADAM, adam_step
 from .grad_stats import GRAD_STATS, grad_stats
 
-OPS = {op.name: op for op in (ADAM, GRAD_STATS)}
+OPS = {op.name: op for op in (ADAGRAD, ADAM, GRAD_STATS)}
 
-__all__ = ["BACKENDS", "OPS", "adam_step", "backend_usable", "grad_stats"]
+__all__ = ["BACKENDS", "OPS", "adagrad_step", "adam_step", "backend_usable", "grad_stats"]

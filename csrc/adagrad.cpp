@@ -43,28 +43,35 @@ SparseRows sparse_rows(size_t i, const at::Tensor& grad, const at::Tensor& param
   TORCH_CHECK(grad.sizes() == param.sizes(), kOp, ": expected grads[", i, "] of shape ", param.sizes(),
               " like its parameter, got ", grad.sizes());
   TORCH_CHECK(param.is_contiguous(), kOp, ": params[", i, "] has a sparse gradient and must be contiguous");
-  // The update is non-linear: repeated indices must be summed first, as torch.optim.Adagrad does.
+  TORCH_CHECK(grad._indices().scalar_type() == at::kLong, kOp, ": expected the indices of grads[", i,
+              "] to be int64, got ", grad._indices().scalar_type());
+  // Indices first (torch builds sparse tensors without checking them, and coalescing an index outside
+  // the shape is undefined), then coalesce: the update is non-linear, so repeated indices must be
+  // summed first, as torch.optim.Adagrad does.
+  const int64_t sparse_dim = grad.sparse_dim();
+  {
+    const at::Tensor indices = grad._indices();
+    const int64_t* idx = indices.const_data_ptr<int64_t>();
+    const int64_t s_dim = indices.stride(0), s_nnz = indices.stride(1), nnz = grad._nnz();
+    for (int64_t d = 0; d < sparse_dim; ++d) {
+      for (int64_t r = 0; r < nnz; ++r) {
+        const int64_t k = idx[d * s_dim + r * s_nnz];
+        TORCH_CHECK(k >= 0 && k < param.size(d), kOp, ": grads[", i, "] has index ", k, " in dimension ", d,
+                    ", outside its parameter's size ", param.size(d));
+      }
+    }
+  }
   const at::Tensor g = grad.is_coalesced() ? grad : grad.coalesce();
   SparseRows out;
   out.values = g._values().contiguous();
   const at::Tensor indices = g._indices();
-  TORCH_CHECK(indices.scalar_type() == at::kLong, kOp, ": expected the indices of grads[", i,
-              "] to be int64, got ", indices.scalar_type());
-  const int64_t sparse_dim = g.sparse_dim();
   const int64_t nnz = g._nnz();
   out.row_numel = nnz == 0 ? 0 : out.values.numel() / nnz;
-  out.row_offsets.resize(nnz);
+  out.row_offsets.assign(nnz, 0);
   const int64_t* idx = indices.const_data_ptr<int64_t>();
   const int64_t s_dim = indices.stride(0), s_nnz = indices.stride(1);
-  for (int64_t r = 0; r < nnz; ++r) {
-    int64_t offset = 0;
-    for (int64_t d = 0; d < sparse_dim; ++d) {
-      const int64_t k = idx[d * s_dim + r * s_nnz];
-      TORCH_CHECK(k >= 0 && k < param.size(d), kOp, ": grads[", i, "] has index ", k, " in dimension ", d,
-                  ", outside its parameter's size ", param.size(d));
-      offset += k * param.stride(d);
-    }
-    out.row_offsets[r] = offset;
+  for (int64_t d = 0; d < sparse_dim; ++d) {
+    for (int64_t r = 0; r < nnz; ++r) out.row_offsets[r] += idx[d * s_dim + r * s_nnz] * param.stride(d);
   }
   return out;
 }

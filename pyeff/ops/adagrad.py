@@ -43,8 +43,15 @@ def adagrad_step_reference(
     master_params: list[Tensor], compensations: list[Tensor], lr: float, lr_decay: float, weight_decay: float,
     eps: float, maximize: bool, grad_mult: Tensor | None, found_inf: Tensor | None,
 ) -> None:
-    if weight_decay != 0 and any(g.is_sparse for g in grads):
-        raise RuntimeError(f"adagrad_step: {_SPARSE_WEIGHT_DECAY}")
+    for i, g in enumerate(grads):
+        if not g.is_sparse:
+            continue
+        if weight_decay != 0:
+            raise RuntimeError(f"adagrad_step: {_SPARSE_WEIGHT_DECAY}")
+        # Before coalescing: torch builds sparse tensors without checking their indices.
+        sizes = torch.tensor(g.shape[:g.sparse_dim()], dtype=torch.int64, device=g.device).unsqueeze(1)
+        if ((g._indices() < 0) | (g._indices() >= sizes)).any():
+            raise RuntimeError(f"adagrad_step: grads[{i}] has an index outside its parameter's shape {tuple(g.shape)}")
     if found_inf is not None and found_inf.item() != 0:
         return
     for i, param in enumerate(params):

@@ -36,6 +36,21 @@ def _check_hyperparameters(lr, lr_decay, weight_decay, initial_accumulator_value
         raise ValueError(f"Invalid epsilon value: {eps}")
 
 
+def _check_sparse_indices(grad: Tensor) -> None:
+    """Indices inside the parameter (torch builds sparse tensors without checking them by default):
+    checked here for every group before any is updated. On the CPU only, where it costs no sync;
+    the kernels check again."""
+    idx = grad._indices()
+    if idx.device.type != "cpu" or idx.numel() == 0:
+        return
+    sizes = torch.tensor(grad.shape[:grad.sparse_dim()], dtype=idx.dtype).unsqueeze(1)
+    bad = (idx < 0) | (idx >= sizes)
+    if bad.any():
+        d, r = bad.nonzero()[0].tolist()
+        raise RuntimeError(f"Adagrad: a sparse gradient of shape {tuple(grad.shape)} has index {idx[d, r].item()} "
+                           f"in dimension {d}, outside its parameter's size {grad.shape[d]}")
+
+
 def _step_dtype(fused) -> torch.dtype:
     # torch.optim.Adagrad's 'step': float32 when fused, else float64 under a float64 default dtype.
     if fused or torch.get_default_dtype() != torch.float64:
@@ -149,6 +164,7 @@ class Adagrad(FusedOptimizer):
                 if torch.is_complex(p) and not group["differentiable"]:
                     raise RuntimeError("Adagrad: sparse gradients of complex parameters are not supported by the "
                                        "fused step; use torch.optim.Adagrad for them")
+                _check_sparse_indices(p.grad)
 
     def _init_group(self, group):
         # One op call per precision mode present in the group (NOTE [low-precision parameter modes]).

@@ -1,0 +1,104 @@
+"""Adagrad step on the CPU: pyeff vs torch (fused=True, foreach) and DeepSpeed's CPU Adagrad, against
+the ceiling.
+
+Bytes per parameter (fp32): read p, g, sum and write p, sum = 20. The ceiling is the in-place loop
+over the same 3 read / 2 written arrays, measured in the same run.
+
+DeepSpeed (`deepspeed.ops.adagrad.DeepSpeedCPUAdagrad`) is an optional contender, never a
+dependency: it is timed when `deepspeed` imports and its C++ op builds (a JIT compile of about two
+minutes the first time; `--quick` uses it only when that build is already cached), and otherwise
+skipped with a note in the results.
+
+    python benchmarks/adagrad.py [--quick]     (also: pyeff bench adagrad)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as bench  # noqa: E402
+
+import pyeff  # noqa: E402
+
+BYTES_PER_PARAM = 20
+LR = 1e-2
+TORCH_PROVIDERS = ("torch_fused", "torch_foreach")
+
+
+def _make(sizes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(n, generator=g)) for n in sizes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+    return params
+
+
+def deepspeed_adagrad(quick: bool):
+    """(the optimizer class, None) or (None, why it is skipped)."""
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            from deepspeed.ops.adagrad import DeepSpeedCPUAdagrad
+    except Exception as e:  # deepspeed raises more than ImportError when its environment is incomplete
+        return None, f"deepspeed not importable ({type(e).__name__}: {e})"
+    if quick:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        built = Path(_get_build_directory("cpu_adagrad", verbose=False)) / "cpu_adagrad.so"
+        if not built.exists():
+            return None, "DeepSpeed's cpu_adagrad op is not built yet; --quick does not wait for its JIT compile"
+    try:
+        probe = torch.nn.Parameter(torch.randn(8))
+        probe.grad = torch.randn(8)
+        with contextlib.redirect_stdout(io.StringIO()):
+            DeepSpeedCPUAdagrad([probe], lr=LR).step()
+    except Exception as e:
+        return None, f"DeepSpeed's cpu_adagrad op failed to build or run ({type(e).__name__}: {e})"
+    return DeepSpeedCPUAdagrad, None
+
+
+def contenders(sizes, deepspeed_cls):
+    makers = [
+        ("pyeff_cpu", lambda ps: pyeff.optim.Adagrad(ps, lr=LR)),
+        ("torch_fused", lambda ps: torch.optim.Adagrad(ps, lr=LR, fused=True)),
+        ("torch_foreach", lambda ps: torch.optim.Adagrad(ps, lr=LR, foreach=True)),
+    ]
+    if deepspeed_cls is not None:
+        makers.append(("deepspeed_cpu", lambda ps: deepspeed_cls(ps, lr=LR)))
+    return {name: make(_make(sizes)).step for name, make in makers}
+
+
+def run(quick: bool = False, out_dir: Path | None = None) -> list[bench.Row]:
+    flat = [64_000_000] if not quick else [4_000_000]
+    model = bench.model_like_sizes() if not quick else bench.model_like_sizes(3_000_000)
+    problems = {f"flat {sum(flat) / 1e6:.0f}M": flat, f"{len(model)} tensors {sum(model) / 1e6:.0f}M": model}
+    rounds = 5 if quick else 15
+    deepspeed_cls, skipped = deepspeed_adagrad(quick)
+    if skipped:
+        print(f"adagrad: deepspeed_cpu skipped: {skipped}", file=sys.stderr)
+    rows = []
+    for case, sizes in problems.items():
+        numel = sum(sizes)
+        fns = contenders(sizes, deepspeed_cls)
+        fns[bench.CEILING] = bench.ceiling_cpu(numel, read_write=2, read_only=1)
+        for fn in fns.values():  # first touch outside the timed rounds
+            fn()
+        progress = bench.Progress(rounds * len(fns), f"adagrad {case}")
+        times = bench.interleaved(fns, rounds, progress=progress)
+        rows += bench.rows_from_times("adagrad", case, times, numel=numel, bytes_per_elem=BYTES_PER_PARAM,
+                                      torch_providers=TORCH_PROVIDERS)
+        del fns
+    notes = {"ceiling": "in-place loop reading 3 and writing 2 fp32 arrays"}
+    if skipped:
+        notes["deepspeed_cpu"] = f"skipped: {skipped}"
+    bench.save("adagrad", rows, out_dir, notes=notes)
+    return rows
+
+
+if __name__ == "__main__":
+    bench.cli(run)

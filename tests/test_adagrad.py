@@ -37,7 +37,7 @@ SIZES = (1, 3, 31, 33, 100, 1000, 4099)
 # Backend vs reference: the math is the same; torch's sqrt on the CPU (used by the reference) is not
 # always correctly rounded, so 1-ulp differences in std, and 1 ulp of the stored dtype.
 TOL = {
-    torch.float32: dict(rtol=2e-6, atol=1e-7),
+    torch.float32: dict(rtol=2e-6, atol=5e-7),
     torch.float64: dict(rtol=1e-12, atol=1e-14),
     torch.bfloat16: dict(rtol=1.6e-2, atol=1e-5),
     torch.float16: dict(rtol=2e-3, atol=1e-5),
@@ -78,10 +78,11 @@ def _assert_lists_close(actual, expected, dtype, names=("params", "grads", "stat
     if actual[5]:
         # Compensated summation: a 1-ulp difference in the fp32 update may round the parameter the
         # other way, and its compensation then differs by that ulp too; what the pair represents,
-        # parameter + compensation, agrees to fp32 accuracy.
+        # parameter + compensation, agrees up to one ulp of the compensation (itself at most half an
+        # ulp of the parameter): 2**-16 relative for bf16.
         for i, (p, c, q, d) in enumerate(zip(actual[0], actual[5], expected[0], expected[5])):
             _close(p.float() + c.float(), q.float() + d.float(), torch.float32, f"params+compensations[{i}]",
-                   tol={torch.float32: dict(rtol=1e-5, atol=1e-6)})
+                   tol={torch.float32: dict(rtol=4e-5, atol=1e-6)})
         actual, expected = actual[:5], expected[:5]
     for name, xs, ys in zip(names, actual, expected):
         for i, (x, y) in enumerate(zip(xs, ys)):

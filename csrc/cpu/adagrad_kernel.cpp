@@ -121,9 +121,9 @@ struct Span {
     float* const mp = MODE == PrecisionMode::MASTER ? master + at : nullptr;
     P* const cp = MODE == PrecisionMode::KAHAN ? comp + at : nullptr;
     int64_t i = 0;
-    // Two blocks per iteration: all its loads are issued ahead of the long sqrt/div chains, which
+    // Four blocks per iteration: all its loads are issued ahead of the long sqrt/div chains, which
     // keeps more cache lines in flight (measured 10-20 % faster than one block on large tensors).
-    for (; i + 2 * kBlock <= n; i += 2 * kBlock) blocks<SPARSE, 2>(pp, gp, sp, mp, cp, i);
+    for (; i + 4 * kBlock <= n; i += 4 * kBlock) blocks<SPARSE, 4>(pp, gp, sp, mp, cp, i);
     for (; i + kBlock <= n; i += kBlock) blocks<SPARSE, 1>(pp, gp, sp, mp, cp, i);
     for (; i < n; ++i) {
       Acc p = (MODE == PrecisionMode::MASTER) ? Io<float>::load1(mp + i) : Io<P>::load1(pp + i);

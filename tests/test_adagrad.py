@@ -524,6 +524,49 @@ def test_deepcopy_keeps_the_extras():
     assert copied.state_dict()["state"].keys() == opt.state_dict()["state"].keys()
 
 
+def _bad_grad_dtype(params, opt):
+    params[2].grad.data = params[2].grad.data.double()  # .data bypasses the grad setter's checks
+
+
+def _bad_grad_shape(params, opt):
+    params[2].grad.data = torch.randn(3)
+
+
+def _bad_lr(params, opt):
+    opt.param_groups[1]["lr"] = -0.5  # groups can be edited after construction
+
+
+def _bad_eps(params, opt):
+    opt.param_groups[1]["eps"] = -1.0
+
+
+BAD_STEPS = [
+    ("grad dtype", _bad_grad_dtype, RuntimeError, "a gradient of dtype torch.float64 for a parameter of dtype"),
+    ("grad shape", _bad_grad_shape, RuntimeError, r"a gradient of shape \(3,\) for a parameter of shape"),
+    ("lr edited", _bad_lr, ValueError, "Invalid learning rate: -0.5"),
+    ("eps edited", _bad_eps, ValueError, "Invalid epsilon value: -1.0"),
+]
+
+
+@pytest.mark.parametrize("name,corrupt,error,regex", BAD_STEPS, ids=[b[0] for b in BAD_STEPS])
+def test_bad_step_inputs_raise_before_anything_is_written(name, corrupt, error, regex):
+    # The bad input is in the last group: nothing of the first one may be written either.
+    params = [torch.nn.Parameter(torch.randn(s)) for s in [(6,), (4, 2), (5,)]]
+    opt = pyeff.optim.Adagrad([{"params": params[:1]}, {"params": params[1:]}], lr=0.1)
+    _train(params, opt, 2, seed=0)
+    _set_grads(7, params)
+    corrupt(params, opt)
+    values = [p.detach().clone() for p in params]
+    state = copy.deepcopy(opt.state_dict()["state"])
+    with pytest.raises(error, match=regex):
+        opt.step()
+    for p, v in zip(params, values):
+        assert torch.equal(p.detach(), v)
+    for idx, st_before in state.items():
+        for key, value in st_before.items():
+            assert torch.equal(opt.state_dict()["state"][idx][key], value)
+
+
 # ----------------------------------------------------------------------------- sparse gradients
 
 

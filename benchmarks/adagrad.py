@@ -4,6 +4,11 @@ the ceiling.
 Bytes per parameter (fp32): read p, g, sum and write p, sum = 20. The ceiling is the in-place loop
 over the same 3 read / 2 written arrays, measured in the same run.
 
+Every contender, and the ceiling, works on the same memory: the parameters, gradients and 'sum'
+states of a problem are views into three flat buffers, shared by all the optimizers. On these
+machines where an array lies was measured to change its streaming speed by up to 2x (arrays
+allocated early in a process were slower), which would otherwise decide the ranking.
+
 DeepSpeed (`deepspeed.ops.adagrad.DeepSpeedCPUAdagrad`) is an optional contender, never a
 dependency: it is timed when `deepspeed` imports and its C++ op builds (a JIT compile of about two
 minutes the first time; `--quick` uses it only when that build is already cached), and otherwise
@@ -31,20 +36,30 @@ LR = 1e-2
 TORCH_PROVIDERS = ("torch_fused", "torch_foreach")
 
 
-def _make(sizes, copies: int, seed=0):
-    """`copies` independent parameter sets (with gradients). Their tensors are allocated interleaved
-    (every copy's first tensor, then every copy's second, ...): on these machines the arrays
-    allocated first in a process were measured up to 15 % slower to stream than later ones, and
-    one contender must not own all of them."""
-    g = torch.Generator().manual_seed(seed)
-    sets = [[] for _ in range(copies)]
-    for n in sizes:
-        value, grad = torch.randn(n, generator=g), torch.randn(n, generator=g)
-        for params in sets:
-            p = torch.nn.Parameter(value.clone())
-            p.grad = grad.clone()
-            params.append(p)
-    return sets
+class Problem:
+    """Parameters (with gradients) of the given sizes as views into flat buffers, plus a flat 'sum'
+    buffer whose views every optimizer's state is pointed at."""
+
+    def __init__(self, sizes, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        numel = sum(sizes)
+        self.flat_param, self.flat_grad = torch.randn(numel, generator=g), torch.randn(numel, generator=g)
+        self.flat_sum = torch.zeros(numel)
+        self.params, self.sums = [], []
+        offset = 0
+        for n in sizes:
+            p = torch.nn.Parameter(self.flat_param[offset:offset + n])
+            p.grad = self.flat_grad[offset:offset + n]
+            self.params.append(p)
+            self.sums.append(self.flat_sum[offset:offset + n])
+            offset += n
+
+    def share_state(self, opt, key: str = "sum") -> None:
+        for p, s in zip(self.params, self.sums):
+            opt.state[p][key] = s
+
+    def ceiling(self):
+        return lambda: torch.ops.pyeff.stream_inplace_cpu([self.flat_param, self.flat_sum], [self.flat_grad])
 
 
 def deepspeed_adagrad(quick: bool):
@@ -73,16 +88,22 @@ def deepspeed_adagrad(quick: bool):
     return DeepSpeedCPUAdagrad, None
 
 
-def contenders(sizes, deepspeed_cls):
-    makers = [
-        ("pyeff_cpu", lambda ps: pyeff.optim.Adagrad(ps, lr=LR)),
-        ("torch_fused", lambda ps: torch.optim.Adagrad(ps, lr=LR, fused=True)),
-        ("torch_foreach", lambda ps: torch.optim.Adagrad(ps, lr=LR, foreach=True)),
-    ]
+def contenders(problem: Problem, deepspeed_cls):
+    ps = problem.params
+    opts = {
+        "pyeff_cpu": pyeff.optim.Adagrad(ps, lr=LR),
+        "torch_fused": torch.optim.Adagrad(ps, lr=LR, fused=True),
+        "torch_foreach": torch.optim.Adagrad(ps, lr=LR, foreach=True),
+    }
+    for opt in opts.values():
+        problem.share_state(opt)
     if deepspeed_cls is not None:
-        makers.append(("deepspeed_cpu", lambda ps: deepspeed_cls(ps, lr=LR)))
-    param_sets = _make(sizes, len(makers))
-    return {name: make(ps).step for (name, make), ps in zip(makers, param_sets)}
+        opt = deepspeed_cls(ps, lr=LR)
+        with contextlib.redirect_stdout(io.StringIO()):
+            opt.step()  # DeepSpeed creates its state in the first step
+        problem.share_state(opt, "exp_avg_sq")
+        opts["deepspeed_cpu"] = opt
+    return {name: opt.step for name, opt in opts.items()}
 
 
 def run(quick: bool = False, out_dir: Path | None = None) -> list[bench.Row]:
@@ -96,16 +117,18 @@ def run(quick: bool = False, out_dir: Path | None = None) -> list[bench.Row]:
     rows = []
     for case, sizes in problems.items():
         numel = sum(sizes)
-        fns = contenders(sizes, deepspeed_cls)
-        fns[bench.CEILING] = bench.ceiling_cpu(numel, read_write=2, read_only=1)
+        problem = Problem(sizes)
+        fns = contenders(problem, deepspeed_cls)
+        fns[bench.CEILING] = problem.ceiling()  # bench.ceiling_cpu's loop, on the problem's own buffers
         for fn in fns.values():  # first touch outside the timed rounds
             fn()
         progress = bench.Progress(rounds * len(fns), f"adagrad {case}")
         times = bench.interleaved(fns, rounds, progress=progress)
         rows += bench.rows_from_times("adagrad", case, times, numel=numel, bytes_per_elem=BYTES_PER_PARAM,
                                       torch_providers=TORCH_PROVIDERS)
-        del fns
-    notes = {"ceiling": "in-place loop reading 3 and writing 2 fp32 arrays"}
+        del fns, problem
+    notes = {"ceiling": "in-place loop reading 3 and writing 2 fp32 arrays (the problem's own buffers)",
+             "memory": "all contenders update the same parameter, gradient and sum buffers"}
     if skipped:
         notes["deepspeed_cpu"] = f"skipped: {skipped}"
     bench.save("adagrad", rows, out_dir, notes=notes)

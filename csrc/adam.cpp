@@ -13,17 +13,6 @@ namespace {
 
 constexpr const char* kOp = "adam_step";
 
-cpu::PrecisionMode precision_mode(at::TensorList params, at::TensorList masters, at::TensorList comps) {
-  TORCH_CHECK(masters.empty() || comps.empty(), kOp,
-              ": `master_params` and `compensations` cannot both be given; choose master weights or "
-              "compensated summation");
-  if (masters.empty() && comps.empty()) return cpu::PrecisionMode::PLAIN;
-  const auto dtype = params.empty() ? at::kBFloat16 : params[0].scalar_type();
-  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, kOp,
-              ": master weights and compensated summation are for bfloat16/float16 parameters, got ", dtype);
-  return masters.empty() ? cpu::PrecisionMode::KAHAN : cpu::PrecisionMode::MASTER;
-}
-
 void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
                    at::TensorList master_params, at::TensorList compensations, double lr, double beta1,
@@ -37,20 +26,14 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   check_length(kOp, "exp_avg_sqs", exp_avg_sqs, n);
   check_length(kOp, "max_exp_avg_sqs", max_exp_avg_sqs, amsgrad ? n : 0);
   check_length(kOp, "state_steps", state_steps, n);
-  const auto mode = precision_mode(params, master_params, compensations);
+  const auto mode = precision_mode(kOp, params, master_params, compensations);
   check_length(kOp, "master_params", master_params, mode == cpu::PrecisionMode::MASTER ? n : 0);
   check_length(kOp, "compensations", compensations, mode == cpu::PrecisionMode::KAHAN ? n : 0);
   if (n == 0) return;
 
   const auto dtype = params[0].scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
-              kOp, ": expected floating-point parameters (float32, float64, bfloat16, float16), got ", dtype);
   const auto grad_dtype = grads[0].scalar_type();
-  const bool reduced = dtype != at::kDouble;
-  TORCH_CHECK(grad_dtype == dtype || (reduced && (grad_dtype == at::kFloat || grad_dtype == at::kBFloat16 ||
-                                                  grad_dtype == at::kHalf)),
-              kOp, ": expected grads of dtype ", dtype,
-              (reduced ? " (or float32/bfloat16/float16)" : ""), ", got ", grad_dtype);
+  check_optimizer_dtypes(kOp, dtype, grad_dtype);
   const auto state_dtype = mode == cpu::PrecisionMode::MASTER ? at::kFloat : dtype;
   const auto cpu = c10::DeviceType::CPU;
   std::vector<double> steps(n);

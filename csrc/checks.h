@@ -4,6 +4,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include "cpu/low_precision.h"
+
 #include <cstdint>
 #include <initializer_list>
 #include <string>
@@ -51,6 +53,31 @@ inline double host_scalar(const char* op, const char* name, const at::Tensor& t)
     case at::kDouble: return *t.const_data_ptr<double>();
     default: TORCH_CHECK(false, op, ": expected ", name, " to be float32 or float64, got ", t.scalar_type());
   }
+}
+
+// The optimizer ops: NOTE [low-precision parameter modes] from which state lists are given.
+inline cpu::PrecisionMode precision_mode(const char* op, at::TensorList params, at::TensorList masters,
+                                         at::TensorList comps) {
+  TORCH_CHECK(masters.empty() || comps.empty(), op,
+              ": `master_params` and `compensations` cannot both be given; choose master weights or "
+              "compensated summation");
+  if (masters.empty() && comps.empty()) return cpu::PrecisionMode::PLAIN;
+  const auto dtype = params.empty() ? at::kBFloat16 : params[0].scalar_type();
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, op,
+              ": master weights and compensated summation are for bfloat16/float16 parameters, got ", dtype);
+  return masters.empty() ? cpu::PrecisionMode::KAHAN : cpu::PrecisionMode::MASTER;
+}
+
+// The optimizer ops: floating parameters; gradients of the parameters' dtype or, for fp32/bf16/fp16
+// parameters, any of fp32/bf16/fp16.
+inline void check_optimizer_dtypes(const char* op, c10::ScalarType dtype, c10::ScalarType grad_dtype) {
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
+              op, ": expected floating-point parameters (float32, float64, bfloat16, float16), got ", dtype);
+  const bool reduced = dtype != at::kDouble;
+  TORCH_CHECK(grad_dtype == dtype || (reduced && (grad_dtype == at::kFloat || grad_dtype == at::kBFloat16 ||
+                                                  grad_dtype == at::kHalf)),
+              op, ": expected grads of dtype ", dtype, (reduced ? " (or float32/bfloat16/float16)" : ""), ", got ",
+              grad_dtype);
 }
 
 // Writes a value that host_scalar accepted (a step count) without a dispatcher round trip.

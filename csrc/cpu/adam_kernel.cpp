@@ -2,9 +2,7 @@
 // a scalar tail with the same operations in the same order (results do not depend on where a
 // thread's range starts). Math order mirrors torch.optim.Adam's single-tensor implementation.
 #include "cpu/adam_kernel.h"
-#include "cpu/vec_utils.h"
-
-#include <type_traits>
+#include "cpu/param_io.h"
 
 namespace pyeff::cpu::CPU_CAPABILITY {
 namespace {
@@ -48,6 +46,7 @@ inline void adam_math(const AdamArgs& a, const AdamCoef<T>& c, T& p, T g, T& m, 
   p = p + c.neg_step_size * m / denom;            // param.addcdiv_(exp_avg, denom, value=-step_size)
 }
 
+// Parameter storage P, gradient storage G, NOTE [low-precision parameter modes] MODE.
 template <typename P, typename G, PrecisionMode MODE>
 void adam_span(const AdamArgs& a, const AdamTensor& t, int64_t lo, int64_t hi) {
   using Acc = opmath_t<P>;
@@ -55,25 +54,18 @@ void adam_span(const AdamArgs& a, const AdamTensor& t, int64_t lo, int64_t hi) {
   using V = Vectorized<Acc>;
   constexpr int64_t kBlock = block_size<Acc>();
 
-  auto* param = static_cast<P*>(t.param);
+  const ParamIo<P, MODE> param{static_cast<P*>(t.param), t.master, static_cast<P*>(t.compensation)};
   auto* grad = static_cast<const G*>(t.grad);
   auto* exp_avg = static_cast<M*>(t.exp_avg);
   auto* exp_avg_sq = static_cast<M*>(t.exp_avg_sq);
   auto* max_sq = static_cast<M*>(t.max_exp_avg_sq);
-  auto* comp = static_cast<P*>(t.compensation);
-  float* master = t.master;
-
   const AdamCoef<V> cv = make_coef<V, Acc>(a, t);
   const AdamCoef<Acc> cs = make_coef<Acc, Acc>(a, t);
 
   int64_t i = lo;
   for (; i + kBlock <= hi; i += kBlock) {
     V p[2], g[2], m[2], v[2], x[2];
-    if constexpr (MODE == PrecisionMode::MASTER) {
-      Io<float>::load(master + i, p[0], p[1]);
-    } else {
-      Io<P>::load(param + i, p[0], p[1]);
-    }
+    param.load(i, p[0], p[1]);
     Io<G>::load(grad + i, g[0], g[1]);
     Io<M>::load(exp_avg + i, m[0], m[1]);
     Io<M>::load(exp_avg_sq + i, v[0], v[1]);
@@ -83,28 +75,10 @@ void adam_span(const AdamArgs& a, const AdamTensor& t, int64_t lo, int64_t hi) {
     Io<M>::store(exp_avg + i, m[0], m[1]);
     Io<M>::store(exp_avg_sq + i, v[0], v[1]);
     if (a.amsgrad) Io<M>::store(max_sq + i, x[0], x[1]);
-    if constexpr (MODE == PrecisionMode::MASTER) {
-      Io<float>::store(master + i, p[0], p[1]);
-      Io<P>::store(param + i, p[0], p[1]);
-    } else if constexpr (MODE == PrecisionMode::KAHAN) {
-      // y = update + carried error; the stored parameter is round(old + y); the new error is
-      // what that rounding lost: y - (round(old + y) - old).
-      V c[2], y[2], r[2];
-      Io<P>::load(comp + i, c[0], c[1]);
-      for (int k = 0; k < 2; ++k) {
-        y[k] = (p[k] - old[k]) + c[k];
-        r[k] = old[k] + y[k];
-      }
-      Io<P>::round(r[0], r[1]);
-      for (int k = 0; k < 2; ++k) c[k] = y[k] - (r[k] - old[k]);
-      Io<P>::store(param + i, r[0], r[1]);
-      Io<P>::store(comp + i, c[0], c[1]);
-    } else {
-      Io<P>::store(param + i, p[0], p[1]);
-    }
+    param.store(i, p, old);
   }
   for (; i < hi; ++i) {
-    Acc p = (MODE == PrecisionMode::MASTER) ? Io<float>::load1(master + i) : Io<P>::load1(param + i);
+    Acc p = param.load1(i);
     const Acc old = p;
     Acc m = Io<M>::load1(exp_avg + i);
     Acc v = Io<M>::load1(exp_avg_sq + i);
@@ -113,41 +87,24 @@ void adam_span(const AdamArgs& a, const AdamTensor& t, int64_t lo, int64_t hi) {
     Io<M>::store1(exp_avg + i, m);
     Io<M>::store1(exp_avg_sq + i, v);
     if (a.amsgrad) Io<M>::store1(max_sq + i, x);
-    if constexpr (MODE == PrecisionMode::MASTER) {
-      Io<float>::store1(master + i, p);
-      Io<P>::store1(param + i, p);
-    } else if constexpr (MODE == PrecisionMode::KAHAN) {
-      const Acc y = (p - old) + Io<P>::load1(comp + i);
-      const Acc r = Io<P>::round1(old + y);
-      Io<P>::store1(param + i, r);
-      Io<P>::store1(comp + i, y - (r - old));
-    } else {
-      Io<P>::store1(param + i, p);
-    }
+    param.store1(i, p, old);
   }
 }
 
-template <typename P, typename G, PrecisionMode MODE>
-void run(const AdamArgs& a) {
-  for_each_span(a.offsets, [&](int64_t t, int64_t lo, int64_t hi) { adam_span<P, G, MODE>(a, a.tensors[t], lo, hi); });
-}
-
-// fp32/bf16/fp16 parameters take fp32/bf16/fp16 gradients; fp64 parameters fp64 ones.
 template <typename P, PrecisionMode MODE>
-void run_grad(const AdamArgs& a) {
-  switch (a.grad_dtype) {
-    case c10::ScalarType::BFloat16: return run<P, c10::BFloat16, MODE>(a);
-    case c10::ScalarType::Half: return run<P, c10::Half, MODE>(a);
-    default: return run<P, float, MODE>(a);
-  }
+void run(const AdamArgs& a) {
+  with_grad_type<P>(a.grad_dtype, [&](auto grad_tag) {
+    using G = typename decltype(grad_tag)::type;
+    for_each_span(a.offsets, [&](int64_t t, int64_t lo, int64_t hi) { adam_span<P, G, MODE>(a, a.tensors[t], lo, hi); });
+  });
 }
 
 template <typename P>
 void run_low_precision(const AdamArgs& a) {
   switch (a.mode) {
-    case PrecisionMode::MASTER: return run_grad<P, PrecisionMode::MASTER>(a);
-    case PrecisionMode::KAHAN: return run_grad<P, PrecisionMode::KAHAN>(a);
-    default: return run_grad<P, PrecisionMode::PLAIN>(a);
+    case PrecisionMode::MASTER: return run<P, PrecisionMode::MASTER>(a);
+    case PrecisionMode::KAHAN: return run<P, PrecisionMode::KAHAN>(a);
+    default: return run<P, PrecisionMode::PLAIN>(a);
   }
 }
 
@@ -155,8 +112,8 @@ void run_low_precision(const AdamArgs& a) {
 
 void adam_kernel(const AdamArgs& a) {
   switch (a.dtype) {
-    case c10::ScalarType::Float: return run_grad<float, PrecisionMode::PLAIN>(a);
-    case c10::ScalarType::Double: return run<double, double, PrecisionMode::PLAIN>(a);
+    case c10::ScalarType::Float: return run<float, PrecisionMode::PLAIN>(a);
+    case c10::ScalarType::Double: return run<double, PrecisionMode::PLAIN>(a);
     case c10::ScalarType::BFloat16: return run_low_precision<c10::BFloat16>(a);
     case c10::ScalarType::Half: return run_low_precision<c10::Half>(a);
     default: return;  // csrc/adam.cpp rejects every other dtype before calling

@@ -7,16 +7,9 @@
 #include <vector>
 
 #include "cpu/isa.h"
+#include "cpu/low_precision.h"
 
 namespace pyeff::cpu {
-
-// NOTE [low-precision parameter modes]
-// PLAIN:  moments in the parameter's dtype (as torch.optim), math in fp32/fp64, one rounding per store.
-// MASTER: bf16/fp16 parameter with an fp32 master copy and fp32 moments; the update is computed on the
-//         master and the parameter is written as the master rounded to nearest even.
-// KAHAN:  bf16/fp16 parameter and moments plus a compensation buffer in the parameter's dtype that
-//         carries the rounding error of each update into the next (compensated summation).
-enum class PrecisionMode { PLAIN = 0, MASTER = 1, KAHAN = 2 };
 
 struct AdamTensor {
   void* param;
@@ -25,7 +18,7 @@ struct AdamTensor {
   void* exp_avg_sq;
   void* max_exp_avg_sq;  // amsgrad only
   float* master;         // MASTER only
-  void* compensation;    // KAHAN only
+  void* compensation;    // KAHAN only (NOTE [low-precision parameter modes], cpu/low_precision.h)
   double step_size;      // lr / (1 - beta1^step)
   double bias_correction2_sqrt;
 };

@@ -9,15 +9,16 @@ fake implementation, so it traces under torch.compile.
 from ._registry import BACKENDS, backend_usable
 from .activation import (BIAS_GELU_BACKWARD, BIAS_GELU_FORWARD, SWIGLU_BACKWARD, SWIGLU_FORWARD,
                          bias_gelu_backward, bias_gelu_forward, swiglu_backward, swiglu_forward)
+from .adagrad import ADAGRAD, adagrad_step
 from .adam import ADAM, adam_step
 from .cross_entropy import CROSS_ENTROPY, cross_entropy
 from .grad_stats import GRAD_STATS, grad_stats
 from .linear_cross_entropy import LINEAR_CROSS_ENTROPY, linear_cross_entropy
 from .norm import NORM_BACKWARD, NORM_FORWARD, norm_backward, norm_forward
 
-OPS = {op.name: op for op in (ADAM, GRAD_STATS, NORM_FORWARD, NORM_BACKWARD, BIAS_GELU_FORWARD, BIAS_GELU_BACKWARD,
-                              SWIGLU_FORWARD, SWIGLU_BACKWARD, CROSS_ENTROPY, LINEAR_CROSS_ENTROPY)}
+OPS = {op.name: op for op in (ADAGRAD, ADAM, GRAD_STATS, NORM_FORWARD, NORM_BACKWARD, BIAS_GELU_FORWARD,
+                              BIAS_GELU_BACKWARD, SWIGLU_FORWARD, SWIGLU_BACKWARD, CROSS_ENTROPY, LINEAR_CROSS_ENTROPY)}
 
-__all__ = ["BACKENDS", "OPS", "adam_step", "backend_usable", "bias_gelu_backward", "bias_gelu_forward",
+__all__ = ["BACKENDS", "OPS", "adagrad_step", "adam_step", "backend_usable", "bias_gelu_backward", "bias_gelu_forward",
            "cross_entropy", "grad_stats", "linear_cross_entropy", "norm_backward", "norm_forward", "swiglu_backward",
            "swiglu_forward"]

@@ -1,5 +1,6 @@
 """Fused drop-in replacements for torch.optim optimizers."""
 
+from .adagrad import Adagrad
 from .adam import Adam, AdamW
 
-__all__ = ["Adam", "AdamW"]
+__all__ = ["Adagrad", "Adam", "AdamW"]

@@ -1,0 +1,188 @@
+r"""adagrad_step: one fused Adagrad step over lists of tensors, dense and sparse gradients alike.
+
+The contract, per parameter i with step count t after the increment (math in fp32 for bf16/fp16
+tensors, fp64 for fp64):
+
+.. math::
+    g &= \mathrm{grad}_i \cdot \mathrm{grad\_mult} \quad (\text{negated if maximize}) \\
+    \tilde\gamma &= \gamma / (1 + (t - 1)\eta) \\
+    g &\leftarrow g + \lambda p \quad (\text{dense gradients only}) \\
+    s &\leftarrow s + g^2 \\
+    p &\leftarrow p - \tilde\gamma\, g / (\sqrt{s} + \epsilon)
+
+in the operation order of torch.optim.Adagrad's single-tensor implementation: for a dense
+gradient ``param.addcdiv_(grad, std, value=-clr)``, i.e. ``p + (-clr * g) / std``; for a sparse
+one ``param.add_(grad_values / std_values, alpha=-clr)``, i.e. ``p + -clr * (g / std)``.
+
+A sparse (COO) gradient is coalesced first (repeated indices summed, as torch does: the update
+is not linear), and only its rows are read and written, in the parameter, `state_sums` and the
+low-precision state; weight decay is not defined for sparse gradients and raises. `grad_mult`
+multiplies the coalesced values. A non-zero `found_inf` skips the step entirely (NOTE [overflow
+skip] in csrc/adam.cpp). `master_params` / `compensations` select the low-precision modes of
+NOTE [low-precision parameter modes] (csrc/cpu/adam_kernel.h); with master weights `state_sums`
+are fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._multi_tensor import group_by_device_and_dtype, make_dense, on_device
+from ._registry import Op
+
+ADAGRAD = Op("adagrad_step")
+
+_MUTATED = ("params", "state_sums", "state_steps", "master_params", "compensations")
+_SPARSE_WEIGHT_DECAY = "weight_decay option is not compatible with sparse gradients"
+
+
+@ADAGRAD.register("reference")
+def adagrad_step_reference(
+    params: list[Tensor], grads: list[Tensor], state_sums: list[Tensor], state_steps: list[Tensor],
+    master_params: list[Tensor], compensations: list[Tensor], lr: float, lr_decay: float, weight_decay: float,
+    eps: float, maximize: bool, grad_mult: Tensor | None, found_inf: Tensor | None,
+) -> None:
+    for i, g in enumerate(grads):
+        if not g.is_sparse:
+            continue
+        if weight_decay != 0:
+            raise RuntimeError(f"adagrad_step: {_SPARSE_WEIGHT_DECAY}")
+        # Before coalescing: torch builds sparse tensors without checking their indices.
+        sizes = torch.tensor(g.shape[:g.sparse_dim()], dtype=torch.int64, device=g.device).unsqueeze(1)
+        if ((g._indices() < 0) | (g._indices() >= sizes)).any():
+            raise RuntimeError(f"adagrad_step: grads[{i}] has an index outside its parameter's shape {tuple(g.shape)}")
+    if found_inf is not None and found_inf.item() != 0:
+        return
+    for i, param in enumerate(params):
+        acc = torch.float64 if param.dtype == torch.float64 else torch.float32
+        grad = grads[i]
+        sparse = grad.is_sparse
+        if sparse:  # gather the touched rows; they are written back with index_put_
+            grad = grad.coalesce()
+            rows = tuple(grad._indices().unbind(0))
+            g = grad._values().to(acc)
+
+            def take(t: Tensor) -> Tensor:
+                return t[rows].to(acc)
+
+            def put(t: Tensor, x: Tensor) -> None:
+                t.index_put_(rows, x.to(t.dtype))
+        else:
+            g = grad.to(acc)
+
+            def take(t: Tensor) -> Tensor:
+                return t.to(acc, copy=True)
+
+            def put(t: Tensor, x: Tensor) -> None:
+                t.copy_(x)
+
+        if grad_mult is not None:
+            g = g * grad_mult.to(acc)
+        if maximize:
+            g = -g
+        # One elementwise op per rounding, in the kernels' order (each line names the torch.optim
+        # operation it mirrors; torch's own fused ops may contract a multiply-add into one rounding).
+        p = take(master_params[i] if master_params else param)
+        if weight_decay != 0:
+            g = g + weight_decay * p  # grad.add(param, alpha=weight_decay)
+        step = state_steps[i].item() + 1
+        clr = lr / (1 + (step - 1) * lr_decay)
+        s = take(state_sums[i]) + g * g  # state_sum.addcmul_(grad, grad, value=1)
+        std = s.sqrt() + eps  # state_sum.sqrt().add_(eps)
+        old = take(param)
+        if sparse:
+            p = p + -clr * (g / std)  # param.add_(sparse(grad_values / std_values), alpha=-clr)
+        else:
+            p = p + -clr * g / std  # param.addcdiv_(grad, std, value=-clr)
+
+        put(state_sums[i], s)
+        if compensations:  # NOTE [low-precision parameter modes]: compensated summation
+            y = (p - old) + take(compensations[i])
+            rounded = (old + y).to(param.dtype)
+            put(compensations[i], y - (rounded.to(acc) - old))
+            put(param, rounded)
+        else:
+            if master_params:
+                put(master_params[i], p)
+            put(param, p)
+        state_steps[i].add_(1)
+
+
+@ADAGRAD.register("cpu")
+def adagrad_step_cpu(params, grads, state_sums, state_steps, master_params, compensations, lr, lr_decay,
+                     weight_decay, eps, maximize, grad_mult, found_inf):
+    torch.ops.pyeff.adagrad_step_cpu(
+        params, grads, state_sums, state_steps, master_params, compensations, lr=lr, lr_decay=lr_decay,
+        weight_decay=weight_decay, eps=eps, maximize=maximize, grad_mult=grad_mult, found_inf=found_inf)
+
+
+@torch.library.custom_op("pyeff::adagrad_step", mutates_args=_MUTATED)
+def _adagrad_step_op(
+    params: list[Tensor], grads: list[Tensor], state_sums: list[Tensor], state_steps: list[Tensor],
+    master_params: list[Tensor], compensations: list[Tensor], lr: float, lr_decay: float, weight_decay: float,
+    eps: float, maximize: bool, grad_mult: Tensor | None, found_inf: Tensor | None, backend: str,
+) -> None:
+    ADAGRAD(backend, params, grads, state_sums, state_steps, master_params, compensations, lr, lr_decay,
+            weight_decay, eps, maximize, grad_mult, found_inf)
+
+
+@_adagrad_step_op.register_fake
+def _(*args, **kwargs) -> None:
+    return None
+
+
+def _with_kernel_layouts(bucket: dict[str, list[Tensor]]):
+    """(lists, write_back): make_dense for the tensors of dense gradients; for a sparse gradient the
+    kernels address rows in the parameter and its state, so those must be contiguous."""
+    sparse_at = [i for i, g in enumerate(bucket["grads"]) if g.is_sparse]
+    if not sparse_at:
+        return make_dense(bucket, _MUTATED)
+    is_sparse = set(sparse_at)
+    dense_at = [i for i in range(len(bucket["params"])) if i not in is_sparse]
+
+    def pick(idx):
+        return {name: [ts[i] for i in idx] if ts else [] for name, ts in bucket.items()}
+
+    dense, dense_write_back = make_dense(pick(dense_at), _MUTATED)
+    sparse = pick(sparse_at)
+    pending: list[tuple[Tensor, Tensor]] = []
+    for name, ts in sparse.items():
+        if name == "grads":
+            continue
+        for j, t in enumerate(ts):
+            if not t.is_contiguous():
+                ts[j] = t.contiguous()
+                if name in _MUTATED:
+                    pending.append((t, ts[j]))
+
+    def write_back():
+        dense_write_back()
+        for original, copy in pending:
+            original.copy_(copy)
+
+    return {name: dense[name] + sparse[name] for name in bucket}, write_back
+
+
+def adagrad_step(
+    params: list[Tensor], grads: list[Tensor], state_sums: list[Tensor], state_steps: list[Tensor],
+    master_params: list[Tensor] | None = None, compensations: list[Tensor] | None = None, *, lr: float,
+    lr_decay: float = 0.0, weight_decay: float = 0.0, eps: float = 1e-10, maximize: bool = False,
+    grad_mult: Tensor | None = None, found_inf: Tensor | None = None, backend: str | None = None,
+) -> None:
+    """One Adagrad step, in place, over parallel lists; gradients may be dense or sparse COO.
+
+    Tensors may mix devices and dtypes: each (device, parameter dtype, gradient dtype) bucket is one
+    kernel launch (one parallel region on the CPU, dense tensors and sparse rows together); gradient
+    dtypes are as for adam_step. `state_steps` are
+    one-element float tensors, incremented unless the step is skipped. See the module docstring.
+    """
+    lists = {"params": params, "grads": grads, "state_sums": state_sums, "state_steps": state_steps,
+             "master_params": master_params or [], "compensations": compensations or []}
+    for (device, *_), bucket in group_by_device_and_dtype(lists).items():
+        dense, write_back = _with_kernel_layouts(bucket)
+        steps = dense.pop("state_steps")
+        ADAGRAD.run(_adagrad_step_op, ADAGRAD.choose(device, backend), dense["params"], dense["grads"],
+                    dense["state_sums"], steps, dense["master_params"], dense["compensations"], lr, lr_decay,
+                    weight_decay, eps, maximize, on_device(grad_mult, device), on_device(found_inf, device))
+        write_back()

@@ -1,0 +1,219 @@
+"""pyeff.optim.Adagrad: torch.optim.Adagrad with one fused kernel per step, sparse gradients included.
+
+Same constructor (arguments, defaults, validation errors, in torch's order), same state, created
+eagerly in the constructor as torch does ('step' a scalar tensor, 'sum' filled with
+`initial_accumulator_value`), so checkpoints move both ways. Sparse gradients (e.g.
+``nn.Embedding(sparse=True)``) are coalesced and only their rows are updated, by the same kernel
+as the dense ones. Keyword-only extras, as for pyeff.optim.Adam: `max_grad_norm` (fused clipping),
+`master_weights` (fp32 master and fp32 'sum' for bf16/fp16 parameters), `kahan_summation`
+(compensated parameter updates for bf16/fp16 parameters without a master copy), `backend`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..ops.adagrad import adagrad_step
+from ._fused import LOW_PRECISION, FusedOptimizer, as_real, init_low_precision_state, low_precision_mode, scalar
+
+_LISTS = ("params", "grads", "state_sums", "state_steps", "master_params", "compensations")
+
+
+def _check_hyperparameters(lr, lr_decay, weight_decay, initial_accumulator_value, eps) -> None:
+    # torch.optim.Adagrad's checks and messages, in its order.
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not 0.0 <= lr_decay:
+        raise ValueError(f"Invalid lr_decay value: {lr_decay}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    if not 0.0 <= initial_accumulator_value:
+        raise ValueError(f"Invalid initial_accumulator_value value: {initial_accumulator_value}")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+
+
+def _check_sparse_indices(grad: Tensor) -> None:
+    """Indices inside the parameter (torch builds sparse tensors without checking them by default):
+    checked here for every group before any is updated. On the CPU only, where it costs no sync;
+    the kernels check again."""
+    idx = grad._indices()
+    if idx.device.type != "cpu" or idx.numel() == 0:
+        return
+    sizes = torch.tensor(grad.shape[:grad.sparse_dim()], dtype=idx.dtype).unsqueeze(1)
+    bad = (idx < 0) | (idx >= sizes)
+    if bad.any():
+        d, r = bad.nonzero()[0].tolist()
+        raise RuntimeError(f"Adagrad: a sparse gradient of shape {tuple(grad.shape)} has index {idx[d, r].item()} "
+                           f"in dimension {d}, outside its parameter's size {grad.shape[d]}")
+
+
+def _step_dtype(fused) -> torch.dtype:
+    # torch.optim.Adagrad's 'step': float32 when fused, else float64 under a float64 default dtype.
+    if fused or torch.get_default_dtype() != torch.float64:
+        return torch.float32
+    return torch.float64
+
+
+class Adagrad(FusedOptimizer):
+    """Drop-in for :class:`torch.optim.Adagrad` (see its documentation for the algorithm and arguments).
+
+    Sparse gradients are supported as torch supports them (coalesced; only the touched rows of the
+    parameter and of 'sum' change; `weight_decay` must be 0), also with the extras below.
+
+    Extra keyword-only arguments:
+        max_grad_norm (float, optional): clip the global L2 norm of all the optimizer's gradients
+            to this value inside the step, as ``clip_grad_norm_`` would (one read-only pass, no
+            gradient write). ``optimizer.grad_norm`` then holds the norm before clipping.
+        master_weights (bool): keep an fp32 copy of bf16/fp16 parameters (``state['master_param']``)
+            and an fp32 ``state['sum']``; the parameter becomes the master rounded to nearest even.
+        kahan_summation (bool): for bf16/fp16 parameters without master weights, carry each
+            update's rounding error in ``state['compensation']``, so that the small late updates of
+            Adagrad (its step size shrinks as 'sum' grows) are not rounded away. 'sum' stays in the
+            parameter's dtype, as torch keeps it.
+        backend (str, optional): force an op backend ('cpu', 'reference', ...); see pyeff.ops.
+    """
+
+    _supports_sparse_grads = True
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-2,
+        lr_decay: float = 0,
+        weight_decay: float = 0,
+        initial_accumulator_value: float = 0,
+        eps: float = 1e-10,
+        foreach: bool | None = None,
+        *,
+        maximize: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        max_grad_norm: float | None = None,
+        master_weights: bool = False,
+        kahan_summation: bool = False,
+        backend: str | None = None,
+    ) -> None:
+        _check_hyperparameters(lr, lr_decay, weight_decay, initial_accumulator_value, eps)
+        defaults = {
+            "lr": lr,
+            "lr_decay": lr_decay,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "initial_accumulator_value": initial_accumulator_value,
+            "foreach": foreach,
+            "maximize": maximize,
+            "differentiable": differentiable,
+            "fused": fused,
+            "master_weights": master_weights,
+            "kahan_summation": kahan_summation,
+        }
+        super().__init__(params, defaults, max_grad_norm=max_grad_norm, backend=backend)
+        if fused:
+            if differentiable:
+                raise RuntimeError("`fused` does not support `differentiable`")
+            if foreach:
+                raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        # Like torch.optim.Adagrad, state exists from the start (with the constructor's
+        # initial_accumulator_value; parameters added later get the defaults' one).
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._init_state(group, p, initial_accumulator_value)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("foreach", None)
+            group.setdefault("maximize", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("fused", None)
+
+    def share_memory(self) -> None:
+        """Calls tensor.share_memory_() on the state sum tensors."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p]["sum"].share_memory_()
+
+    def _init_state(self, group: dict, p: Tensor, initial_accumulator_value: float) -> None:
+        state = self.state[p]
+        state["step"] = torch.zeros((), dtype=_step_dtype(group["fused"]), device=p.device)
+        init_value = (complex(initial_accumulator_value, initial_accumulator_value) if torch.is_complex(p)
+                      else initial_accumulator_value)
+        sum_dtype = torch.float32 if low_precision_mode(group, p) == "master" else p.dtype
+        state["sum"] = torch.full_like(p, init_value, dtype=sum_dtype, memory_format=torch.preserve_format)
+        if p.dtype in LOW_PRECISION:
+            init_low_precision_state(group, p, state, ("sum",))
+
+    def _validate_group(self, group):
+        _check_hyperparameters(group["lr"], group["lr_decay"], group["weight_decay"],
+                               group.get("initial_accumulator_value", 0), group["eps"])
+        if group["differentiable"] and (group["master_weights"] or group["kahan_summation"]):
+            raise RuntimeError("`differentiable` does not support `master_weights` or `kahan_summation`")
+
+    def _check_inputs(self):
+        super()._check_inputs()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None or not p.grad.is_sparse:
+                    continue
+                if group["weight_decay"] != 0:
+                    raise RuntimeError("weight_decay option is not compatible with sparse gradients")
+                if torch.is_complex(p) and not group["differentiable"]:
+                    raise RuntimeError("Adagrad: sparse gradients of complex parameters are not supported by the "
+                                       "fused step; use torch.optim.Adagrad for them")
+                _check_sparse_indices(p.grad)
+
+    def _init_group(self, group):
+        # One op call per precision mode present in the group (NOTE [low-precision parameter modes]).
+        calls: dict[str, dict[str, list[Tensor]]] = {}
+        for p in group["params"]:
+            grad = p.grad
+            if grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                self._init_state(group, p, self.defaults["initial_accumulator_value"])
+            mode = init_low_precision_state(group, p, state, ("sum",)) if p.dtype in LOW_PRECISION else "plain"
+
+            lists = calls.get(mode)
+            if lists is None:
+                lists = calls[mode] = {k: [] for k in _LISTS}
+            state_sum = state["sum"]
+            if grad.is_sparse:
+                # Coalesced once here: the overflow/norm pass and the update share it.
+                grad = grad.coalesce()
+            elif p.is_complex():  # torch.optim updates complex tensors as their real views
+                p, grad, state_sum = map(as_real, (p, grad, state_sum))
+            lists["params"].append(p)
+            lists["grads"].append(grad)
+            lists["state_sums"].append(state_sum)
+            lists["state_steps"].append(state["step"])
+            if mode == "master":
+                lists["master_params"].append(state["master_param"])
+            elif mode == "kahan":
+                lists["compensations"].append(state["compensation"])
+        return list(calls.values())
+
+    def _update(self, group, lists, grad_mult, found_inf):
+        if group["differentiable"]:
+            self._differentiable_update(group, lists, grad_mult, found_inf)
+            return
+        adagrad_step(
+            lists["params"], lists["grads"], lists["state_sums"], lists["state_steps"], lists["master_params"],
+            lists["compensations"], lr=scalar(group["lr"]), lr_decay=group["lr_decay"],
+            weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
+            grad_mult=grad_mult, found_inf=found_inf, backend=self.backend)
+
+    def _differentiable_update(self, group, lists, grad_mult, found_inf):
+        # Autograd through the update needs torch's own tensor-op implementation.
+        if grad_mult is not None or found_inf is not None:
+            raise RuntimeError("`differentiable=True` does not support loss scaling or `max_grad_norm`")
+        from torch.optim.adagrad import adagrad as functional
+
+        functional(lists["params"], lists["grads"], lists["state_sums"], lists["state_steps"], fused=False,
+                   has_sparse_grad=any(g.is_sparse for g in lists["grads"]), foreach=False, differentiable=True,
+                   has_complex=False, lr=group["lr"], weight_decay=group["weight_decay"],
+                   lr_decay=group["lr_decay"], eps=group["eps"], maximize=group["maximize"])

@@ -99,6 +99,42 @@ def ceiling_cpu(numel: int, read_write: int, read_only: int) -> Callable[[], Non
     return lambda: torch.ops.pyeff.stream_inplace_cpu(rw, ro)
 
 
+class SharedBuffers:
+    """The tensors of a problem as views into one flat buffer per role (parameter, gradient, each
+    state), so that every contender, and the ceiling, streams the same memory. On these machines
+    where an array lies was measured to change its streaming speed by up to 2x (arrays allocated
+    early in a process were slower), which would otherwise decide the ranking. Each view starts
+    64-byte aligned, as a tensor of its own would (torch's allocator aligns to 64 bytes)."""
+
+    ALIGN_BYTES = 64
+
+    def __init__(self, sizes: list[int], roles: dict[str, torch.dtype], seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        align = self.ALIGN_BYTES // 2  # elements: enough for 2-byte and 4-byte dtypes alike
+        starts, total = [], 0
+        for n in sizes:
+            starts.append(total)
+            total += -(-n // align) * align
+        # parameters and gradients normal; state non-negative and small (a second moment must be)
+        self.flat = {role: (torch.randn(total, generator=g) if role in ("param", "grad") else
+                            torch.rand(total, generator=g) * 1e-2).to(dtype) for role, dtype in roles.items()}
+        self.views = {role: [buf[s:s + n] for s, n in zip(starts, sizes)] for role, buf in self.flat.items()}
+
+    def parameters(self, param: str = "param", grad: str = "grad") -> list[torch.nn.Parameter]:
+        """Parameters over the `param` views, their .grad the `grad` views (new objects each call)."""
+        out = []
+        for p, g in zip(self.views[param], self.views[grad]):
+            out.append(torch.nn.Parameter(p))
+            out[-1].grad = g
+        return out
+
+    def share_state(self, opt: torch.optim.Optimizer, params, keys: dict[str, str]) -> None:
+        """Point opt.state[p][key] at the views of `keys[key]` (call after a first step created state)."""
+        for i, p in enumerate(params):
+            for key, role in keys.items():
+                opt.state[p][key] = self.views[role][i]
+
+
 # ---------------------------------------------------------------- reporting
 
 

@@ -5,9 +5,8 @@ Bytes per parameter (fp32): read p, g, sum and write p, sum = 20. The ceiling is
 over the same 3 read / 2 written arrays, measured in the same run.
 
 Every contender, and the ceiling, works on the same memory: the parameters, gradients and 'sum'
-states of a problem are views into three flat buffers, shared by all the optimizers. On these
-machines where an array lies was measured to change its streaming speed by up to 2x (arrays
-allocated early in a process were slower), which would otherwise decide the ranking.
+states of a problem are views into three flat buffers shared by all the optimizers
+(bench.SharedBuffers: where an array lies changes its streaming speed on these machines).
 
 DeepSpeed (`deepspeed.ops.adagrad.DeepSpeedCPUAdagrad`) is an optional contender, never a
 dependency: it is timed when `deepspeed` imports and its C++ op builds (a JIT compile of about two
@@ -36,36 +35,6 @@ LR = 1e-2
 TORCH_PROVIDERS = ("torch_fused", "torch_foreach")
 
 
-class Problem:
-    """Parameters (with gradients) of the given sizes as views into flat buffers, plus a flat 'sum'
-    buffer whose views every optimizer's state is pointed at. Each view starts 64-byte aligned, as
-    a tensor of its own would (torch's allocator aligns to 64 bytes)."""
-
-    ALIGN = 16  # fp32 elements in 64 bytes
-
-    def __init__(self, sizes, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        starts, offset = [], 0
-        for n in sizes:
-            starts.append(offset)
-            offset += -(-n // self.ALIGN) * self.ALIGN
-        self.flat_param, self.flat_grad = torch.randn(offset, generator=g), torch.randn(offset, generator=g)
-        self.flat_sum = torch.zeros(offset)
-        self.params, self.sums = [], []
-        for start, n in zip(starts, sizes):
-            p = torch.nn.Parameter(self.flat_param[start:start + n])
-            p.grad = self.flat_grad[start:start + n]
-            self.params.append(p)
-            self.sums.append(self.flat_sum[start:start + n])
-
-    def share_state(self, opt, key: str = "sum") -> None:
-        for p, s in zip(self.params, self.sums):
-            opt.state[p][key] = s
-
-    def ceiling(self):
-        return lambda: torch.ops.pyeff.stream_inplace_cpu([self.flat_param, self.flat_sum], [self.flat_grad])
-
-
 def deepspeed_adagrad(quick: bool):
     """(the optimizer class, None) or (None, why it is skipped)."""
     try:
@@ -92,20 +61,20 @@ def deepspeed_adagrad(quick: bool):
     return DeepSpeedCPUAdagrad, None
 
 
-def contenders(problem: Problem, deepspeed_cls):
-    ps = problem.params
+def contenders(problem: bench.SharedBuffers, deepspeed_cls):
+    ps = problem.parameters()
     opts = {
         "pyeff_cpu": pyeff.optim.Adagrad(ps, lr=LR),
         "torch_fused": torch.optim.Adagrad(ps, lr=LR, fused=True),
         "torch_foreach": torch.optim.Adagrad(ps, lr=LR, foreach=True),
     }
     for opt in opts.values():
-        problem.share_state(opt)
+        problem.share_state(opt, ps, {"sum": "sum"})
     if deepspeed_cls is not None:
         opt = deepspeed_cls(ps, lr=LR)
         with contextlib.redirect_stdout(io.StringIO()):
             opt.step()  # DeepSpeed creates its state in the first step
-        problem.share_state(opt, "exp_avg_sq")
+        problem.share_state(opt, ps, {"exp_avg_sq": "sum"})
         opts["deepspeed_cpu"] = opt
     return {name: opt.step for name, opt in opts.items()}
 
@@ -121,9 +90,10 @@ def run(quick: bool = False, out_dir: Path | None = None) -> list[bench.Row]:
     rows = []
     for case, sizes in problems.items():
         numel = sum(sizes)
-        problem = Problem(sizes)
+        problem = bench.SharedBuffers(sizes, dict.fromkeys(("param", "grad", "sum"), torch.float32))
         fns = contenders(problem, deepspeed_cls)
-        fns[bench.CEILING] = problem.ceiling()  # bench.ceiling_cpu's loop, on the problem's own buffers
+        flat = problem.flat  # the ceiling loop on the same memory: p and sum read and written, g read
+        fns[bench.CEILING] = lambda: torch.ops.pyeff.stream_inplace_cpu([flat["param"], flat["sum"]], [flat["grad"]])
         for fn in fns.values():  # first touch outside the timed rounds
             fn()
         progress = bench.Progress(rounds * len(fns), f"adagrad {case}")

@@ -1,7 +1,8 @@
 """AdamW step on the CPU: pyeff vs torch (fused=True, foreach, torch.compile), against the ceiling.
 
 Bytes per parameter (fp32): read p, g, m, v and write p, m, v = 28. The ceiling is the in-place
-loop over the same 4 read / 3 written arrays, measured in the same run.
+loop over the same 4 read / 3 written arrays, measured in the same run. Every contender and the
+ceiling work on the same memory (bench.SharedBuffers: where an array lies changes its speed here).
 
     python benchmarks/optim.py [--quick]     (also: pyeff bench optim)
 """
@@ -22,27 +23,23 @@ BYTES_PER_PARAM = 28
 TORCH_PROVIDERS = ("torch_fused", "torch_foreach", "torch_compile")
 
 
-def _make(sizes, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    params = [torch.nn.Parameter(torch.randn(n, generator=g)) for n in sizes]
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=g)
-    return params
-
-
-def contenders(sizes, with_compile: bool):
-    out = {}
-    for name, make_opt in [
-        ("pyeff_cpu", lambda ps: pyeff.optim.AdamW(ps, lr=1e-3)),
-        ("torch_fused", lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True)),
-        ("torch_foreach", lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True)),
-    ]:
-        out[name] = make_opt(_make(sizes)).step
+def contenders(problem: bench.SharedBuffers, with_compile: bool):
+    """Each optimizer's step over the problem's shared parameters, gradients and moments."""
+    ps = problem.parameters()
+    opts = {
+        "pyeff_cpu": pyeff.optim.AdamW(ps, lr=1e-3),
+        "torch_fused": torch.optim.AdamW(ps, lr=1e-3, fused=True),
+        "torch_foreach": torch.optim.AdamW(ps, lr=1e-3, foreach=True),
+    }
     if with_compile:
         # A tensor lr keeps the compiled graph from recompiling as the step count changes.
-        opt = torch.optim.AdamW(_make(sizes), lr=torch.tensor(1e-3), foreach=True)
-        out["torch_compile"] = torch.compile(opt.step)
-    return out
+        opts["torch_compile"] = torch.optim.AdamW(ps, lr=torch.tensor(1e-3), foreach=True)
+    fns = {}
+    for name, opt in opts.items():
+        opt.step()  # creates the state, then pointed at the shared moments
+        problem.share_state(opt, ps, {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"})
+        fns[name] = torch.compile(opt.step) if name == "torch_compile" else opt.step
+    return fns
 
 
 def run(quick: bool = False, out_dir: Path | None = None) -> list[bench.Row]:
@@ -53,15 +50,18 @@ def run(quick: bool = False, out_dir: Path | None = None) -> list[bench.Row]:
     rows = []
     for case, sizes in problems.items():
         numel = sum(sizes)
-        fns = contenders(sizes, with_compile=not quick)
-        fns[bench.CEILING] = bench.ceiling_cpu(numel, read_write=3, read_only=1)
+        problem = bench.SharedBuffers(sizes, dict.fromkeys(("param", "grad", "exp_avg", "exp_avg_sq"), torch.float32))
+        fns = contenders(problem, with_compile=not quick)
+        flat = problem.flat  # the ceiling loop on the same memory: p, m, v read and written, g read
+        fns[bench.CEILING] = lambda: torch.ops.pyeff.stream_inplace_cpu(
+            [flat["param"], flat["exp_avg"], flat["exp_avg_sq"]], [flat["grad"]])
         for fn in fns.values():  # compile / first touch outside the timed rounds
             fn()
         progress = bench.Progress(rounds * len(fns), f"optim {case}")
         times = bench.interleaved(fns, rounds, progress=progress)
         rows += bench.rows_from_times("adamw", case, times, numel=numel, bytes_per_elem=BYTES_PER_PARAM,
                                       torch_providers=TORCH_PROVIDERS)
-        del fns
+        del fns, problem
     bench.save("optim", rows, out_dir, notes={"ceiling": "in-place loop reading 4 and writing 3 fp32 arrays"})
     return rows
 

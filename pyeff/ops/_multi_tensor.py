@@ -24,6 +24,10 @@ def group_by_device_and_dtype(lists: TensorLists, keys: Sequence[str] = ("params
     Lists that are empty (optional state not in use) stay empty in every bucket.
     """
     first = lists[keys[0]]
+    devices = {t.device for t in first}
+    dtypes = [{t.dtype for t in lists[k]} for k in keys]
+    if len(devices) == 1 and all(len(d) == 1 for d in dtypes):  # the common case, without a key per tensor
+        return {(*devices, *(d.pop() for d in dtypes)): lists} if first else {}
     buckets: dict[tuple, list[int]] = {}
     for i, t in enumerate(first):
         key = (t.device, *(lists[k][i].dtype for k in keys))

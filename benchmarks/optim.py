@@ -33,7 +33,7 @@ def contenders(problem: bench.SharedBuffers, with_compile: bool):
     }
     if with_compile:
         # A tensor lr keeps the compiled graph from recompiling as the step count changes.
-        opts["torch_compile"] = torch.optim.AdamW(ps, lr=torch.tensor(1e-3), foreach=True)
+        opts["torch_compile"] = torch.optim.AdamW(ps, lr=torch.tensor(1e-3))
     fns = {}
     for name, opt in opts.items():
         opt.step()  # creates the state, then pointed at the shared moments

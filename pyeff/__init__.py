@@ -3,6 +3,8 @@
 - pyeff.optim: Adam, AdamW (and more) as one fused kernel per step, with loss-scale unscaling,
   overflow skip, gradient clipping and fp32 master weights inside the step;
 - pyeff.amp: a GradScaler that lets those optimizers do the overflow check in their own pass;
+- pyeff.memory: a caching memory pool for CPU tensors (and a CUDA pluggable one), its statistics,
+  and flat parameter buffers;
 - pyeff.ops: the op layer (contracts, references, backends).
 """
 
@@ -12,6 +14,6 @@ __version__ = "0.1.0"
 
 _ext.load_error()  # one warning, now, if the compiled extension is missing
 
-from . import ops, optim  # noqa: E402
+from . import memory, ops, optim  # noqa: E402
 
-__all__ = ["ops", "optim", "__version__"]
+__all__ = ["memory", "ops", "optim", "__version__"]

@@ -29,15 +29,15 @@ gradients views of its own buckets instead).
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 # parameter -> handle of its post-accumulate-grad hook, so that flattening again replaces it
-_HOOKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_HOOKS = WeakIdKeyDictionary()
 
 
 @dataclass

@@ -20,11 +20,10 @@ namespace pyeff::memory {
 namespace {
 
 constexpr size_t kAlignment = 64;
-constexpr size_t kHugePage = size_t{2} << 20;
 
 class OsBackend final : public Backend {
  public:
-  explicit OsBackend(bool huge_pages) : huge_pages_(huge_pages) {
+  OsBackend() {
 #ifdef PYEFF_HAVE_MMAP
     const long page = sysconf(_SC_PAGESIZE);
     page_ = page > 0 ? static_cast<size_t>(page) : 4096;
@@ -34,11 +33,7 @@ class OsBackend final : public Backend {
   void* map(size_t bytes) noexcept override {
 #ifdef PYEFF_HAVE_MMAP
     void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) return nullptr;
-#ifdef MADV_HUGEPAGE
-    if (huge_pages_ && bytes >= kHugePage) madvise(p, bytes, MADV_HUGEPAGE);
-#endif
-    return p;
+    return p == MAP_FAILED ? nullptr : p;
 #else
     return std::aligned_alloc(kAlignment, bytes);
 #endif
@@ -57,11 +52,7 @@ class OsBackend final : public Backend {
 #if defined(__linux__) && defined(MREMAP_MAYMOVE)
     // Moves page-table entries, never copies: resident pages stay resident.
     void* p = mremap(ptr, old_bytes, new_bytes, MREMAP_MAYMOVE);
-    if (p == MAP_FAILED) return nullptr;
-#ifdef MADV_HUGEPAGE
-    if (huge_pages_ && new_bytes > old_bytes && new_bytes >= kHugePage) madvise(p, new_bytes, MADV_HUGEPAGE);
-#endif
-    return p;
+    return p == MAP_FAILED ? nullptr : p;
 #else
     (void)ptr, (void)old_bytes, (void)new_bytes;
     return nullptr;
@@ -87,7 +78,6 @@ class OsBackend final : public Backend {
   size_t granularity() const noexcept override { return page_; }
 
  private:
-  bool huge_pages_;
   size_t page_ = 4096;
 };
 
@@ -97,11 +87,9 @@ int floor_log2(size_t n) { return 63 - __builtin_clzll(static_cast<unsigned long
 
 }  // namespace
 
-Backend& os_backend(bool huge_pages) {
-  // Never destroyed: blocks can be freed during static destruction.
-  static OsBackend* plain = new OsBackend(false);
-  static OsBackend* huge = new OsBackend(true);
-  return huge_pages ? *huge : *plain;
+Backend& os_backend() {
+  static OsBackend* backend = new OsBackend();  // never destroyed: blocks can be freed at exit
+  return *backend;
 }
 
 // ---------------------------------------------------------------- statistics

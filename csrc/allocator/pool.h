@@ -54,8 +54,8 @@ class Backend {
 };
 
 // Anonymous memory from the operating system (mmap/munmap/mremap; aligned malloc where there is no
-// mmap). `huge_pages` asks the kernel for transparent huge pages on large mappings (madvise).
-Backend& os_backend(bool huge_pages = false);
+// mmap).
+Backend& os_backend();
 
 struct Options {
   size_t small_max = size_t{128} << 10;  // requests up to this many bytes use size classes

@@ -49,7 +49,7 @@ LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib
 
 # (width, heads, sequence length, layers, batch sizes, steps per round, rounds)
 FULL = dict(d=256, heads=8, seq=512, layers=2, batches=(4, 5, 6, 7, 8), steps=3, rounds=7, warmup=3)
-QUICK = dict(d=128, heads=8, seq=512, layers=1, batches=(5, 8), steps=2, rounds=3, warmup=2)
+QUICK = dict(d=128, heads=8, seq=512, layers=1, batches=(5, 8), steps=1, rounds=3, warmup=2)
 
 
 # ---------------------------------------------------------------- the training loop
@@ -223,6 +223,11 @@ def flat_buffers(cfg: dict, rounds: int) -> list[bench.Row]:
                                  torch_providers=("pyeff_separate",))
 
 
+# (layers, width): many small tensors, where the per-tensor cost shows; a model whose step is
+# bound by memory bandwidth
+FLAT_CASES = {"full": ((24, 64), (12, 256)), "quick": ((24, 64), (4, 128))}
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -246,8 +251,9 @@ def run(quick: bool = False, out_dir: Path | None = None) -> list[bench.Row]:
                               "(flat buffers)"}
     case = f"{cfg['layers']}x block d{cfg['d']} T{cfg['seq']} B{min(cfg['batches'])}-{max(cfg['batches'])}"
     loop_rows = training_loop(cfg, case, notes)
-    flat_cfg = dict(cfg, layers=12 if not quick else 4)
-    rows = loop_rows + flat_buffers(flat_cfg, rounds=5 if quick else 15)
+    rows = list(loop_rows)
+    for layers, d in FLAT_CASES["quick" if quick else "full"]:
+        rows += flat_buffers(dict(cfg, layers=layers, d=d), rounds=5 if quick else 15)
     table = extra_table(loop_rows)
     notes["training_loop"] = table
     out = bench.save("memory", rows, out_dir, notes=notes)

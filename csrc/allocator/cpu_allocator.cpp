@@ -107,7 +107,7 @@ bool is_enabled() {
   return previous != nullptr && c10::GetCPUAllocator() == &caching_allocator();
 }
 
-std::vector<int64_t> stats() { return flatten(cpu_pool().stats(), cpu_pool().max_cached_bytes()); }
+std::vector<int64_t> stats() { return flatten(cpu_pool().stats()); }
 
 std::vector<std::string> stat_names_op() { return stat_names(); }
 

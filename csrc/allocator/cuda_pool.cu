@@ -149,7 +149,7 @@ PYEFF_EXPORT int pyeff_cuda_pool_stats(int device, int64_t* out, int n) {
   const auto pools = pyeff::memory::pools_of(device);
   for (int i = 0; i < n; ++i) out[i] = 0;
   for (Pool* p : pools) {
-    const auto values = pyeff::memory::flatten(p->stats(), p->max_cached_bytes());
+    const auto values = pyeff::memory::flatten(p->stats());
     for (int i = 0; i < n && static_cast<size_t>(i) < values.size(); ++i) out[i] += values[i];
   }
   return static_cast<int>(pools.size());

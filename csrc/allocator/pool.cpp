@@ -126,7 +126,7 @@ const std::vector<std::string>& stat_names() {
   return names;
 }
 
-std::vector<int64_t> flatten(const Stats& s, size_t /*max_cached_bytes*/) {
+std::vector<int64_t> flatten(const Stats& s) {
   std::vector<int64_t> out;
   out.reserve(stat_names().size());
   for (int k = 0; k < 6; ++k) {

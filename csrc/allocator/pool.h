@@ -98,7 +98,7 @@ struct Stats {
 
 // Flat views of Stats for C ABIs and torch ops: stat_names()[i] names flatten(stats)[i].
 const std::vector<std::string>& stat_names();
-std::vector<int64_t> flatten(const Stats& stats, size_t max_cached_bytes);
+std::vector<int64_t> flatten(const Stats& stats);
 
 class Pool {
  public:
@@ -138,14 +138,14 @@ class Pool {
   struct Slab;
   struct Block {
     uintptr_t addr = 0;
-    size_t size = 0;       // bytes of the block (its class size, or its mapping's size)
+    size_t size = 0;       // bytes of the block (its class size, or the pages of its range)
     size_t requested = 0;  // bytes asked for, while allocated
     Slab* slab = nullptr;  // small blocks: the slab they belong to; nullptr for large blocks
     Block* prev = nullptr;  // free list (small) or least-recently-freed list (large), while free
     Block* next = nullptr;
-    bool listed = false;
+    bool listed = false;    // on one of those lists
     uint64_t freed_at = 0;  // large blocks: free sequence number, for best-fit ties (latest first)
-    uint64_t segment = 0;   // large blocks: the map() they come from (0 when mappings merge)
+    uint64_t segment = 0;   // large blocks: the map() they come from (0 where mappings merge)
     bool free = false;
   };
   struct Slab {
@@ -195,7 +195,7 @@ class Pool {
   void free_large(Block* b);
   void release_large(Block* b);
   void release_slab(Slab* s);
-  void trim(size_t cap);  // release free segments until cached bytes <= cap (or none is left)
+  void trim(size_t cap);  // release free blocks and empty slabs until cached bytes <= cap
   size_t cap() const { return caching_ ? options_.max_cached_bytes : 0; }
   void* map(size_t bytes);  // backend map, returning the whole cache and retrying once on failure
   void count_reserved(StatPool pool, int64_t delta);

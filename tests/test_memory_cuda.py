@@ -49,7 +49,9 @@ def test_standalone_library_exports_the_c_abi(standalone_library):
     for name in SYMBOLS:
         assert hasattr(lib, name), name
     stats = mem.cuda_stats(library=standalone_library)
-    assert list(stats) == sorted(mem.stats()) if _cpu_pool_built() else len(stats) > 60
+    assert len(stats) == lib.pyeff_cuda_pool_num_stats() and "allocated_bytes.all.current" in stats
+    if _cpu_pool_built():
+        assert list(stats) == list(mem.stats())  # the same keys as the CPU pool
     mem.cuda_set_max_cached_bytes(1 << 30, library=standalone_library)
     mem.cuda_empty_cache(library=standalone_library)
     lib.pyeff_cuda_pool_free(None, ctypes.c_size_t(0), 0, None)  # a null pointer is ignored
@@ -80,7 +82,7 @@ def test_cuda_functions_explain_what_is_missing():
 
 
 GPU_SCRIPT = textwrap.dedent("""
-    import torch, pyeff, pyeff.memory as mem
+    import torch, pyeff.memory as mem
     mode = "{mode}"
     if mode == "global":
         mem.use_cuda_pool()  # before any CUDA allocation
@@ -102,10 +104,11 @@ GPU_SCRIPT = textwrap.dedent("""
         ptr = y.data_ptr()
         del y
         z = torch.empty(1 << 20, device="cuda")
-        assert z.data_ptr() == ptr, "a freed block is reused"
+        if mode == "global":
+            assert z.data_ptr() == ptr, "the block freed last is reused"
         # a model's training step, in the pool
         model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 8)).cuda()
-        opt = pyeff.optim.AdamW(model.parameters())
+        opt = torch.optim.AdamW(model.parameters())
         for step in range(3):
             model(torch.randn(32 * (step + 1), 64, device="cuda")).square().mean().backward()
             opt.step()

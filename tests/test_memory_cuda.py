@@ -63,6 +63,25 @@ def test_standalone_library_exports_the_c_abi(standalone_library):
         assert mem.cuda_stats(library=standalone_library)["num_ooms"] == 1
 
 
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+def test_c_abi_over_a_fake_cuda_runtime(tmp_path):
+    # cuda_pool.cu compiled as C++ against tests/cpp/fake_cuda/cuda_runtime.h (host memory), under
+    # AddressSanitizer: per-stream pools, per-device statistics, out-of-memory retries, cudaFree
+    # given only what cudaMalloc returned (tests/cpp/cuda_pool_abi.cpp).
+    exe = tmp_path / "cuda_pool_abi"
+    cmd = ["g++", "-std=c++17", "-O1", "-g", "-pthread", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+           f"-I{ROOT / 'tests/cpp/fake_cuda'}", f"-I{ROOT / 'csrc'}", "-x", "c++",
+           str(ROOT / "csrc/allocator/cuda_pool.cu"), "-x", "none", str(ROOT / "csrc/allocator/pool.cpp"),
+           str(ROOT / "tests/cpp/cuda_pool_abi.cpp"), "-o", str(exe)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0 and "sanitize" in out.stderr:
+        pytest.skip(f"the compiler has no AddressSanitizer runtime: {out.stderr[-300:]}")
+    assert out.returncode == 0, out.stderr
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.strip() == "ok"
+
+
 def _cpu_pool_built() -> bool:
     from pyeff import _ext
 

@@ -105,7 +105,14 @@ std::vector<Pool*> pools_of(int device) {  // device < 0: every device
 using pyeff::memory::Pool;
 
 PYEFF_EXPORT void* pyeff_cuda_pool_alloc(size_t size, int device, cudaStream_t stream) {
-  return pyeff::memory::pool_for(device, stream).allocate(size);
+  Pool& pool = pyeff::memory::pool_for(device, stream);
+  void* p = pool.allocate(size);  // on failure it has returned its own cache and tried again
+  if (p == nullptr && size != 0) {
+    // Out of memory: the other streams' caches on this device go back too, then one more try.
+    for (Pool* other : pyeff::memory::pools_of(device)) other->empty_cache();
+    p = pool.allocate(size);
+  }
+  return p;
 }
 
 PYEFF_EXPORT void pyeff_cuda_pool_free(void* ptr, size_t /*size*/, int device, cudaStream_t stream) {

@@ -93,7 +93,7 @@ struct Stats {
   int64_t os_allocs = 0;     // backend map() calls that succeeded
   int64_t os_frees = 0;      // backend unmap() calls
   int64_t os_resizes = 0;    // backend resize() calls that succeeded (a free block grown)
-  int64_t ooms = 0;          // requests that failed even after returning the cache
+  int64_t ooms = 0;          // requests the backend failed even after this pool returned its cache
 };
 
 // Flat views of Stats for C ABIs and torch ops: stat_names()[i] names flatten(stats)[i].

@@ -10,12 +10,15 @@
 // random sizes (small and large, some freed by another thread), each block filled with a pattern
 // of its owner that is checked before it is freed, under a cap that another thread keeps changing,
 // with empty_cache() calls in between; 3. at the end nothing is allocated, and after empty_cache()
-// nothing is reserved and every mapping was returned.
+// nothing is reserved and every mapping was returned. The stress runs twice: over the operating
+// system (mmap, any range returned) and over a backend like cudaMalloc (host memory here), which
+// only takes back exactly what it handed out and checks that it does.
 #include <atomic>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <mutex>
 #include <random>
 #include <string>
@@ -33,6 +36,43 @@ using pyeff::memory::Stats;
 namespace {
 
 int failures = 0;
+
+// Like cudaMalloc/cudaFree: memory is returned only as the whole allocations it was handed out in
+// (anything else is counted as a failure), and never resized.
+class SegmentBackend final : public pyeff::memory::Backend {
+ public:
+  void* map(size_t bytes) noexcept override {
+    void* p = std::aligned_alloc(4096, bytes);
+    if (p != nullptr) {
+      std::lock_guard<std::mutex> g(mu_);
+      mapped_[p] = bytes;
+    }
+    return p;
+  }
+  void unmap(void* ptr, size_t bytes) noexcept override {
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      auto it = mapped_.find(ptr);
+      if (it == mapped_.end() || it->second != bytes) {
+        ++bad_unmaps;
+        return;
+      }
+      mapped_.erase(it);
+    }
+    std::free(ptr);
+  }
+  bool partial_unmap() const noexcept override { return false; }
+  size_t granularity() const noexcept override { return 64 << 10; }
+  size_t outstanding() {
+    std::lock_guard<std::mutex> g(mu_);
+    return mapped_.size();
+  }
+  std::atomic<int> bad_unmaps{0};
+
+ private:
+  std::mutex mu_;
+  std::map<void*, size_t> mapped_;
+};
 
 #define CHECK_EQ(a, b)                                                                                    \
   do {                                                                                                    \
@@ -187,11 +227,10 @@ bool intact(const Live& l) {
   return l.ptr[l.bytes - 1] == last_byte(l);
 }
 
-void stress(int threads, int iterations, unsigned seed) {
-  auto& os = pyeff::memory::os_backend();
+void stress(pyeff::memory::Backend& backend, const char* label, int threads, int iterations, unsigned seed) {
   pyeff::memory::Options opt;
   opt.max_cached_bytes = 8 << 20;
-  Pool pool(os, opt);
+  Pool pool(backend, opt);
   std::atomic<int> corrupt{0}, misaligned{0}, running{threads};
   std::mutex handoff_mu;
   std::vector<Live> handoff;  // blocks allocated by one thread and freed by another
@@ -276,9 +315,9 @@ void stress(int threads, int iterations, unsigned seed) {
   s = pool.stats();
   CHECK_EQ(s.reserved_bytes[kAllPools].current, 0);
   CHECK_EQ(s.segment[kAllPools].current, 0);
-  std::printf("stress: %d threads x %d iterations: %lld allocations, %lld hits, %lld misses, %lld OS maps, "
+  std::printf("stress over %s: %d threads x %d iterations: %lld allocations, %lld hits, %lld misses, %lld maps, "
               "%lld resizes, peak reserved %lld bytes\n",
-              threads, iterations, static_cast<long long>(s.allocation[kAllPools].allocated),
+              label, threads, iterations, static_cast<long long>(s.allocation[kAllPools].allocated),
               static_cast<long long>(s.cache_hits), static_cast<long long>(s.cache_misses),
               static_cast<long long>(s.os_allocs), static_cast<long long>(s.os_resizes),
               static_cast<long long>(s.reserved_bytes[kAllPools].peak));
@@ -291,7 +330,11 @@ int main(int argc, char** argv) {
   const int iterations = argc > 2 ? std::atoi(argv[2]) : 20000;
   const unsigned seed = argc > 3 ? static_cast<unsigned>(std::atoi(argv[3])) : 1u;
   exact_statistics();
-  stress(threads, iterations, seed);
+  stress(pyeff::memory::os_backend(), "the OS", threads, iterations, seed);
+  SegmentBackend segments;
+  stress(segments, "whole segments", threads, iterations, seed + 1);
+  CHECK_EQ(segments.bad_unmaps.load(), 0);
+  CHECK_EQ(segments.outstanding(), 0);
   if (failures != 0) {
     std::fprintf(stderr, "%d check(s) failed\n", failures);
     return 1;

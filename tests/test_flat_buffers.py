@@ -67,6 +67,22 @@ def test_flat_view_refuses_what_is_not_one_span():
     assert mem.flat_view([]) is None
 
 
+def test_flat_zeros_like_lays_state_out_like_the_parameters():
+    model = make_model()
+    model[0].weight.data = model[0].weight.data.to(memory_format=torch.channels_last)
+    flat = mem.flatten_parameters(model)
+    params = list(model.parameters())
+    buf, views = mem.flat_zeros_like(params, dtype=torch.float64)
+    assert buf.dtype == torch.float64 and buf.numel() == flat.buffers[0].params.numel() and not buf.any()
+    assert [v.shape for v in views] == [p.shape for p in params]
+    assert [v.stride() for v in views] == [p.stride() for p in params]
+    assert mem.flat_view(views).data_ptr() == buf.data_ptr()
+    with pytest.raises(ValueError, match="Invalid tensors: each must be dense"):
+        mem.flat_zeros_like([torch.randn(4, 4)[:, ::2]])
+    with pytest.raises(ValueError, match="Invalid tensors: an empty list"):
+        mem.flat_zeros_like([])
+
+
 @pytest.mark.parametrize("zero_grad", ["set_to_none", "keep", "flat", "accumulate"])
 @pytest.mark.parametrize("opt_name", ["pyeff", "torch"])
 def test_training_is_unchanged(zero_grad, opt_name):

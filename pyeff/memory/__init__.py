@@ -31,13 +31,13 @@ import torch
 
 from .. import _ext
 from ._cuda import cuda_allocator, cuda_empty_cache, cuda_mem_pool, cuda_set_max_cached_bytes, cuda_stats, use_cuda_pool
-from ._flat import FlatBuffer, FlatParameters, flat_view, flatten_parameters
+from ._flat import FlatBuffer, FlatParameters, flat_view, flat_zeros_like, flatten_parameters
 
 __all__ = [
     "enable", "disable", "is_enabled", "pool", "stats", "reset_peak_stats", "reset_accumulated_stats",
     "memory_summary", "empty_cache", "set_max_cached_bytes", "max_cached_bytes", "in_pool", "size_classes",
     "ENV_MAX_CACHED",
-    "flatten_parameters", "FlatParameters", "FlatBuffer", "flat_view",
+    "flatten_parameters", "FlatParameters", "FlatBuffer", "flat_view", "flat_zeros_like",
     "cuda_allocator", "use_cuda_pool", "cuda_mem_pool", "cuda_stats", "cuda_empty_cache", "cuda_set_max_cached_bytes",
 ]
 

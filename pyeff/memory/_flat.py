@@ -198,3 +198,20 @@ def flat_view(tensors: list[Tensor]) -> Tensor | None:
             return None
         expected += t.numel()
     return first.detach().as_strided((expected - first.storage_offset(),), (1,), first.storage_offset())
+
+
+def flat_zeros_like(tensors: list[Tensor], dtype: torch.dtype | None = None) -> tuple[Tensor, list[Tensor]]:
+    """One zero-filled 1-D buffer and, for each of `tensors` (dense, on one device), a view of it with
+    that tensor's shape and strides, consecutive in list order: state laid out like flattened
+    parameters (an optimizer's moments, say), so that flat_view() of the views is the buffer."""
+    if not tensors:
+        raise ValueError("Invalid tensors: an empty list")
+    for t in tensors:
+        if t.layout != torch.strided or not _dense(t) or t.device != tensors[0].device:
+            raise ValueError("Invalid tensors: each must be dense and on the device of the first")
+    buffer = torch.zeros(sum(t.numel() for t in tensors), dtype=dtype or tensors[0].dtype, device=tensors[0].device)
+    views, offset = [], 0
+    for t in tensors:
+        views.append(_view_like(buffer, offset, t))
+        offset += t.numel()
+    return buffer, views

@@ -43,8 +43,10 @@ import _common as bench  # noqa: E402
 
 import pyeff  # noqa: E402
 
-PRELOADS = {"jemalloc": ("PYEFF_BENCH_JEMALLOC", "jemalloc", "libjemalloc.so.2"),
-            "tcmalloc": ("PYEFF_BENCH_TCMALLOC", "tcmalloc_minimal", "libtcmalloc_minimal.so.4")}
+PRELOADS = {  # name: (environment variable with a path, library name, Debian soname, Debian package)
+    "jemalloc": ("PYEFF_BENCH_JEMALLOC", "jemalloc", "libjemalloc.so.2", "libjemalloc2"),
+    "tcmalloc": ("PYEFF_BENCH_TCMALLOC", "tcmalloc_minimal", "libtcmalloc_minimal.so.4", "libtcmalloc-minimal4"),
+}
 LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
 
 # (width, heads, sequence length, layers, batch sizes, steps per round, rounds)
@@ -116,7 +118,7 @@ def worker(name: str, cfg: dict) -> None:
 
 
 def find_library(name: str) -> str | None:
-    env, short, soname = PRELOADS[name]
+    env, short, soname, _ = PRELOADS[name]
     if os.environ.get(env):
         return os.environ[env] if Path(os.environ[env]).exists() else None
     for d in LIB_DIRS:
@@ -133,9 +135,9 @@ def start_workers(cfg: dict, notes: dict) -> dict[str, subprocess.Popen]:
     for name in PRELOADS:
         lib = find_library(name)
         if lib is None:
-            notes.setdefault("skipped", {})[name] = (f"{PRELOADS[name][2]} not found (Debian: apt-get install "
-                                                     f"{'libjemalloc2' if name == 'jemalloc' else 'libtcmalloc-minimal4'}"
-                                                     f", or set {PRELOADS[name][0]})")
+            env_var, _, soname, package = PRELOADS[name]
+            notes.setdefault("skipped", {})[name] = (f"{soname} not found (Debian: apt-get install {package}, or set "
+                                                     f"{env_var} to its path)")
             print(f"memory: skipping {name}: {notes['skipped'][name]}", file=sys.stderr)
             continue
         contenders[name] = {**env, "LD_PRELOAD": lib}

@@ -180,7 +180,8 @@ Pool::Pool(Backend& backend, Options options) : backend_(backend), options_(opti
   // 64-byte steps up to 1 KiB, then four classes per power of two: at most 25 % rounding.
   for (size_t s = kAlignment; s <= 1024 && s <= options_.small_max; s += kAlignment) class_sizes_.push_back(s);
   for (size_t base = 1024; base <= options_.small_max / 2; base *= 2)
-    for (size_t k = 1; k <= 4 && base + k * base / 4 <= options_.small_max; ++k) class_sizes_.push_back(base + k * base / 4);
+    for (size_t k = 1; k <= 4 && base + k * base / 4 <= options_.small_max; ++k)
+      class_sizes_.push_back(base + k * base / 4);
   options_.small_max = class_sizes_.empty() ? 0 : class_sizes_.back();
   for (size_t s : class_sizes_) {
     SizeClass c;

@@ -49,9 +49,10 @@ PRELOADS = {  # name: (environment variable with a path, library name, Debian so
 }
 LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
 
-# (width, heads, sequence length, layers, batch sizes, steps per round, rounds)
-FULL = dict(d=256, heads=8, seq=512, layers=2, batches=(4, 5, 6, 7, 8), steps=3, rounds=7, warmup=3)
-QUICK = dict(d=128, heads=8, seq=512, layers=1, batches=(5, 8), steps=1, rounds=3, warmup=2)
+# Width, heads, sequence length, layers; the batch sizes, each used once per round in a shuffled
+# order (the same for every contender, and a step with each size first, to warm up); rounds.
+FULL = dict(d=256, heads=8, seq=512, layers=2, batches=(4, 5, 6, 7, 8), rounds=9)
+QUICK = dict(d=128, heads=8, seq=512, layers=1, batches=(5, 8), rounds=2)
 
 
 # ---------------------------------------------------------------- the training loop
@@ -91,25 +92,24 @@ def worker(name: str, cfg: dict) -> None:
     rng = random.Random(0)
     torch.manual_seed(1)
 
-    def step():
-        x = torch.randn(rng.choice(cfg["batches"]), cfg["seq"], cfg["d"])
+    def step(batch: int):
+        x = torch.randn(batch, cfg["seq"], cfg["d"])
         loss = model(x).square().mean()
         loss.backward()
         opt.step()
         opt.zero_grad()
 
-    for _ in range(cfg["warmup"]):
-        step()
+    for batch in cfg["batches"]:
+        step(batch)
     print("ready", flush=True)
     for line in sys.stdin:
-        cmd = line.split()
-        if not cmd or cmd[0] != "run":
+        if line.strip() != "run":
             break
         before = resource.getrusage(resource.RUSAGE_SELF)
         times = []
-        for _ in range(int(cmd[1])):
+        for batch in rng.sample(cfg["batches"], len(cfg["batches"])):
             t0 = time.perf_counter()
-            step()
+            step(batch)
             times.append(time.perf_counter() - t0)
         after = resource.getrusage(resource.RUSAGE_SELF)
         print(json.dumps({"times": times, "minflt": after.ru_minflt - before.ru_minflt,
@@ -160,7 +160,7 @@ def training_loop(cfg: dict, case: str, notes: dict) -> list[bench.Row]:
     try:
         for _ in range(cfg["rounds"]):  # interleaved: each round runs every contender once, in turn
             for name, p in procs.items():
-                p.stdin.write(f"run {cfg['steps']}\n")
+                p.stdin.write("run\n")
                 p.stdin.flush()
                 results[name].append(json.loads(p.stdout.readline()))
                 progress.tick()
@@ -169,7 +169,7 @@ def training_loop(cfg: dict, case: str, notes: dict) -> list[bench.Row]:
             p.stdin.close()
             p.wait()
     times = {name: [statistics.mean(r["times"]) for r in rs] for name, rs in results.items()}
-    steps = cfg["rounds"] * cfg["steps"]
+    steps = cfg["rounds"] * len(cfg["batches"])
     rows = bench.rows_from_times("memory", case, times, torch_providers=("glibc",))
     med = {name: statistics.median(ts) for name, ts in times.items()}
     rss = {name: rs[-1]["maxrss_kib"] / 1024 for name, rs in results.items()}
@@ -183,6 +183,7 @@ def training_loop(cfg: dict, case: str, notes: dict) -> list[bench.Row]:
             "speedup_vs_glibc": med["glibc"] / med[name],
             "vs_best_of_jemalloc_tcmalloc": min(preloaded) / med[name] if preloaded else None,
         }
+    notes["round_ms"] = {name: [round(t * 1e3, 1) for t in ts] for name, ts in times.items()}
     pool = results["pyeff_pool"][-1]["pool"]
     notes["pyeff_pool_stats"] = {k: v for k, v in pool.items() if k.endswith(".all.peak") or k.startswith("num_")}
     return rows

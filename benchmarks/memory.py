@@ -10,8 +10,9 @@ flat-buffer optimizer step.
    `glibc` (torch's default), `pyeff_pool` (pyeff.memory.enable()), `jemalloc` and `tcmalloc`
    (Debian's libjemalloc2 and libtcmalloc-minimal4 through LD_PRELOAD; skipped with a note when the
    library is absent; PYEFF_BENCH_JEMALLOC / PYEFF_BENCH_TCMALLOC give other paths). Reported per
-   contender: median step time, minor page faults per step, the process's peak RSS, and the ratios
-   to glibc and to the better of jemalloc/tcmalloc.
+   contender: median step time (over rounds; a round runs each batch size once, in an order drawn
+   per round and shared by all contenders, after a warm-up step with each size), minor page faults
+   per step, the process's peak RSS, and the ratios to glibc and to the better of jemalloc/tcmalloc.
 2. Flat buffers: one pyeff.optim.AdamW step over the same model's parameters kept as separate
    tensors (`pyeff_separate`), flattened by pyeff.memory.flatten_parameters (`pyeff_flattened`,
    what the optimizer sees today: views, one per parameter), and as the one flat buffer they form

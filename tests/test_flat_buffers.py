@@ -250,6 +250,7 @@ DDP_SCRIPT = textwrap.dedent("""
     dist.all_gather(gathered, flat)
     assert torch.equal(gathered[0], gathered[1])  # the ranks agree
     print(f"rank {rank} ok", flush=True)
+    dist.barrier()  # without it, gloo in torch 2.13 sometimes aborts in destroy_process_group
     dist.destroy_process_group()
 """)
 

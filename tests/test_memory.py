@@ -2,6 +2,7 @@
 empty_cache, switching torch's allocator with live tensors, threads, and the core under
 AddressSanitizer."""
 
+import gc
 import os
 import shutil
 import subprocess
@@ -22,6 +23,16 @@ ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
 
 pytestmark = pytest.mark.skipif(not _ext.available(), reason="needs pyeff._C")
+
+
+@pytest.fixture(autouse=True)
+def _no_gc():
+    """The cyclic garbage collector could free an older test's tensors in the middle of a sequence
+    whose statistics are checked: collect now, and not during the test."""
+    gc.collect()
+    gc.disable()
+    yield
+    gc.enable()
 
 
 @pytest.fixture

@@ -1,8 +1,10 @@
 """pyeff: fused kernels that make PyTorch training cheaper without changing training code.
 
-- pyeff.optim: Adam, AdamW (and more) as one fused kernel per step, with loss-scale unscaling,
+- pyeff.optim: Adam, AdamW, Adagrad as one fused kernel per step, with loss-scale unscaling,
   overflow skip, gradient clipping and fp32 master weights inside the step;
 - pyeff.amp: a GradScaler that lets those optimizers do the overflow check in their own pass;
+- pyeff.memory: a caching memory pool for CPU tensors (and a CUDA pluggable one), its statistics,
+  and flat parameter buffers;
 - pyeff.nn: fused layers (LayerNorm, RMSNorm, bias + GELU, SwiGLU, losses that compute their
   gradient in the forward) as drop-in modules, and patch(model), which swaps them in;
 - pyeff.ops: the op layer (contracts, references, backends).
@@ -14,6 +16,6 @@ __version__ = "0.1.0"
 
 _ext.load_error()  # one warning, now, if the compiled extension is missing
 
-from . import amp, nn, ops, optim  # noqa: E402
+from . import amp, memory, nn, ops, optim  # noqa: E402
 
-__all__ = ["amp", "nn", "ops", "optim", "__version__"]
+__all__ = ["amp", "memory", "nn", "ops", "optim", "__version__"]

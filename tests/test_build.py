@@ -2,8 +2,10 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,3 +80,19 @@ print(pyeff._ext.cpu_isa()); torch.save([p, m, v], sys.argv[1])
     assert out_low.stdout.strip() == (isa if order.index(isa) <= order.index(best_isa) else best_isa)
     for a, b in zip(torch.load(best), torch.load(low)):
         assert torch.equal(a, b)
+
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+CUDA_SOURCES = sorted(CSRC.rglob("*.cu"))
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+@pytest.mark.parametrize("source", CUDA_SOURCES, ids=[p.name for p in CUDA_SOURCES])
+def test_cuda_sources_compile(source, tmp_path):
+    # What setup.py builds where torch has CUDA, checked here where nothing built from it can run.
+    cmd = ["nvcc", "-std=c++17", "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+           f"-I{CSRC}", "-Xcompiler", "-fPIC,-Wall",
+           "-c", str(source), "-o", str(tmp_path / "out.o")]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "warning" not in out.stderr.lower(), out.stderr

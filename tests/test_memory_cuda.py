@@ -1,5 +1,5 @@
-"""The CUDA pluggable pool (csrc/allocator/cuda_pool.cu): compile-checked with nvcc and linked
-alone everywhere nvcc exists; allocating through torch where there is a GPU."""
+"""The CUDA pluggable pool (csrc/allocator/cuda_pool.cu): linked alone everywhere nvcc exists (every
+.cu file is compile-checked in tests/test_build.py); allocating through torch where there is a GPU."""
 
 import ctypes
 import os
@@ -16,19 +16,9 @@ import pyeff.memory as mem
 
 ROOT = Path(__file__).resolve().parent.parent
 NVCC = shutil.which("nvcc")
-needs_nvcc = pytest.mark.skipif(NVCC is None, reason="needs nvcc")
 SYMBOLS = ("pyeff_cuda_pool_alloc", "pyeff_cuda_pool_free", "pyeff_cuda_pool_empty_cache",
            "pyeff_cuda_pool_set_max_cached_bytes", "pyeff_cuda_pool_num_stats", "pyeff_cuda_pool_stat_name",
            "pyeff_cuda_pool_stats", "pyeff_cuda_pool_reset_peak_stats")
-
-
-@needs_nvcc
-def test_cuda_pool_compiles(tmp_path):
-    cmd = [NVCC, "-std=c++17", "-gencode=arch=compute_90,code=sm_90", f"-I{ROOT / 'csrc'}", "-Xcompiler",
-           "-fPIC,-Wall", "-c", str(ROOT / "csrc/allocator/cuda_pool.cu"), "-o", str(tmp_path / "cuda_pool.o")]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert "warning" not in out.stderr.lower(), out.stderr
 
 
 @pytest.fixture(scope="module")

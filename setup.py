@@ -106,6 +106,24 @@ def _extension():
     )
 
 
+class _BuildExt(cpp_extension.BuildExtension):
+    # NOTE [one C++ runtime]: the extension must use the libstdc++ that torch and Python loaded. Some
+    # Python builds' link flags carry -static-libstdc++; a second, static C++ runtime in the process
+    # then formats error messages with the other runtime's locale and crashes (seen with torch 2.11
+    # on Python 3.12 of an NVIDIA image: every TORCH_CHECK failure was a segmentation fault).
+    # tests/test_build.py checks that the built module needs libstdc++.so.
+    _STATIC = ("-static-libstdc++", "-static-libgcc")
+
+    def build_extensions(self):
+        for attr in ("linker_so", "linker_so_cxx"):
+            cmd = getattr(self.compiler, attr, None)
+            if cmd:
+                setattr(self.compiler, attr, [a for a in cmd if a not in self._STATIC])
+        for ext in self.extensions:
+            ext.extra_link_args = [a for a in ext.extra_link_args if a not in self._STATIC]
+        super().build_extensions()
+
+
 def _torch_has_cuda() -> bool:
     import torch
 
@@ -118,6 +136,6 @@ setup(
     packages=packages,
     package_dir={"pyeff.kernels": "kernels"},
     ext_modules=[_extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": _BuildExt.with_options(use_ninja=True)},
     zip_safe=False,
 )

@@ -96,3 +96,15 @@ def test_cuda_sources_compile(source, tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "warning" not in out.stderr.lower(), out.stderr
+
+
+@pytest.mark.skipif(shutil.which("readelf") is None, reason="needs readelf")
+def test_extension_shares_the_processes_cpp_runtime():
+    # NOTE [one C++ runtime] (setup.py): a statically linked libstdc++ made every error message crash.
+    from pyeff import _C
+
+    dynamic = subprocess.run(["readelf", "-dW", _C.__file__], capture_output=True, text=True, check=True).stdout
+    assert "libstdc++.so" in dynamic, "pyeff._C does not link libstdc++ dynamically"
+    symbols = subprocess.run(["readelf", "-sW", "--dyn-syms", _C.__file__], capture_output=True, text=True).stdout
+    defined = [line for line in symbols.splitlines() if "_ZNSo9_M_insert" in line and " UND " not in line]
+    assert not defined, f"pyeff._C carries its own copy of libstdc++'s ostream: {defined[:2]}"

@@ -142,7 +142,7 @@ def _torch_and_pyeff(x, t, backend, **kw):
     ref = F.cross_entropy(xa, t, **kw)
     out = pyeff.nn.functional.cross_entropy(xb, t, **kw, backend=backend)
     # a non-unit grad_output (one value per row for 'none'), exact in every dtype
-    go = (0.5 + (torch.arange(ref.numel()) % 8) / 8).to(ref.dtype).reshape(ref.shape)
+    go = (0.5 + (torch.arange(ref.numel(), device=ref.device) % 8) / 8).to(ref.dtype).reshape(ref.shape)
     ref.backward(go)
     out.backward(go)
     return ref, xa.grad, out, xb.grad

@@ -36,6 +36,20 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+_NOT_PROBED = object()
+_interpreter_problem = _NOT_PROBED
+
+
+def interpreter_problem() -> str | None:
+    """Why Triton's interpreter cannot run pyeff's kernels here, or None (probed once)."""
+    global _interpreter_problem
+    if _interpreter_problem is _NOT_PROBED:
+        from pyeff.kernels._probe import interpreter_problem as probe
+
+        _interpreter_problem = probe()
+    return _interpreter_problem
+
+
 def backend_usable(backend: str, device: torch.device) -> str | None:
     """None if `backend` can run on `device`, else the reason it cannot."""
     if backend == "reference":
@@ -51,8 +65,10 @@ def backend_usable(backend: str, device: torch.device) -> str | None:
     if backend == "triton":
         if not triton_available():
             return "triton is not installed"
-        if device.type == "cuda" or (device.type == "cpu" and triton_interpreting()):
+        if device.type == "cuda":
             return None
+        if device.type == "cpu" and triton_interpreting():
+            return interpreter_problem()
         return f"triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), these are on {device}"
     return f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}"
 

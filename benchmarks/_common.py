@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from pyeff.cli import cpu_name
+
 OUT_DIR = Path(__file__).resolve().parent / "out"
 
 
@@ -35,7 +37,7 @@ OUT_DIR = Path(__file__).resolve().parent / "out"
 def machine() -> dict:
     info = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "load_avg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
@@ -51,16 +53,6 @@ def machine() -> dict:
     except ImportError:
         pass
     return info
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # ---------------------------------------------------------------- timing

@@ -100,10 +100,8 @@ void adagrad_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
     if (mode == cpu::PrecisionMode::KAHAN) check_same_layout(kOp, "compensations", i, compensations[i], p, dtype, cpu);
     steps[i] = host_scalar(kOp, "state_steps", state_steps[i]);
   }
-  double mult = 1.0;
-  if (grad_mult.has_value()) mult = host_scalar(kOp, "grad_mult", *grad_mult);
-  // NOTE [overflow skip] (csrc/adam.cpp): a non-zero found_inf skips the whole step.
-  if (found_inf.has_value() && host_scalar(kOp, "found_inf", *found_inf) != 0) return;
+  const GradScaling scaling = grad_scaling(kOp, grad_mult, found_inf);
+  if (scaling.skip) return;  // NOTE [overflow skip] (checks.h)
 
   // ---- per-tensor coefficients, in double as torch.optim computes them from Python floats
   cpu::AdagradArgs a;
@@ -115,8 +113,8 @@ void adagrad_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   a.eps = eps;
   a.weight_decay = weight_decay;
   a.maximize = maximize;
-  a.has_grad_mult = grad_mult.has_value();
-  a.grad_mult = mult;
+  a.has_grad_mult = scaling.has_mult;
+  a.grad_mult = scaling.mult;
   for (size_t i = 0; i < n; ++i) {
     const double step = steps[i] + 1;
     cpu::AdagradTensor& t = a.tensors[i];

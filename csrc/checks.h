@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -78,6 +79,26 @@ inline void check_optimizer_dtypes(const char* op, c10::ScalarType dtype, c10::S
                                                   grad_dtype == at::kHalf)),
               op, ": expected grads of dtype ", dtype, (reduced ? " (or float32/bfloat16/float16)" : ""), ", got ",
               grad_dtype);
+}
+
+// The optimizer ops' loss scaling and clipping (pyeff/optim/_fused.py, NOTE [mixed-precision step]).
+// NOTE [overflow skip]: a non-zero found_inf skips the whole step; parameters, every state tensor and
+// the step counts stay bitwise unchanged.
+struct GradScaling {
+  bool skip = false;
+  bool has_mult = false;
+  double mult = 1.0;  // gradients are multiplied by this first (inverse loss scale x clip coefficient)
+};
+
+inline GradScaling grad_scaling(const char* op, const std::optional<at::Tensor>& grad_mult,
+                                const std::optional<at::Tensor>& found_inf) {
+  GradScaling g;
+  if (grad_mult.has_value()) {
+    g.has_mult = true;
+    g.mult = host_scalar(op, "grad_mult", *grad_mult);
+  }
+  g.skip = found_inf.has_value() && host_scalar(op, "found_inf", *found_inf) != 0;
+  return g;
 }
 
 // Writes a value that host_scalar accepted (a step count) without a dispatcher round trip.

@@ -40,13 +40,13 @@ def info() -> dict:
         "triton": triton_version if triton_available() else None,
         "extension": {"built": _ext.available(), "error": _ext.load_error(), "cuda_kernels": _ext.built_with_cuda()},
         "backends": backends,
-        "cpu": {"name": _cpu_name(), "cores": os.cpu_count(), "simd": _cpu_flags(), "kernel_isa": _ext.cpu_isa(),
+        "cpu": {"name": cpu_name(), "cores": os.cpu_count(), "simd": _cpu_flags(), "kernel_isa": _ext.cpu_isa(),
                 "threads": torch.get_num_threads()},
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

@@ -36,6 +36,8 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ..ops._multi_tensor import is_dense
+
 # parameter -> handle of its post-accumulate-grad hook, so that flattening again replaces it
 _HOOKS = WeakIdKeyDictionary()
 
@@ -91,18 +93,6 @@ def _is_view(t: Tensor | None, buffer: Tensor, offset: int) -> bool:
             and t.storage_offset() == buffer.storage_offset() + offset)
 
 
-def _dense(t: Tensor) -> bool:
-    """Non-overlapping and dense (any dimension order): its elements fill `numel` slots exactly."""
-    if t.is_contiguous() or t.numel() <= 1:
-        return True
-    expected = 1
-    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
 def _collect(model_or_params) -> list[Tensor]:
     if isinstance(model_or_params, torch.nn.Module):
         items: Iterable = model_or_params.parameters()
@@ -149,7 +139,7 @@ def flatten_parameters(model_or_params, grads: bool = True) -> FlatParameters:
     groups: dict[tuple, list[Tensor]] = {}
     skipped = []
     for p in params:
-        if p.layout != torch.strided or not _dense(p):
+        if p.layout != torch.strided or not is_dense(p):
             skipped.append(p)
             continue
         groups.setdefault((p.device, p.dtype, p.requires_grad), []).append(p)
@@ -194,7 +184,7 @@ def flat_view(tensors: list[Tensor]) -> Tensor | None:
     expected = first.storage_offset()
     for t in tensors:
         if (t is None or t.dtype != first.dtype or t.device != first.device or t.layout != torch.strided
-                or t.untyped_storage().data_ptr() != storage or t.storage_offset() != expected or not _dense(t)):
+                or t.untyped_storage().data_ptr() != storage or t.storage_offset() != expected or not is_dense(t)):
             return None
         expected += t.numel()
     return first.detach().as_strided((expected - first.storage_offset(),), (1,), first.storage_offset())
@@ -207,7 +197,7 @@ def flat_zeros_like(tensors: list[Tensor], dtype: torch.dtype | None = None) -> 
     if not tensors:
         raise ValueError("Invalid tensors: an empty list")
     for t in tensors:
-        if t.layout != torch.strided or not _dense(t) or t.device != tensors[0].device:
+        if t.layout != torch.strided or not is_dense(t) or t.device != tensors[0].device:
             raise ValueError("Invalid tensors: each must be dense and on the device of the first")
     buffer = torch.zeros(sum(t.numel() for t in tensors), dtype=dtype or tensors[0].dtype, device=tensors[0].device)
     views, offset = [], 0

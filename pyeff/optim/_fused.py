@@ -54,6 +54,12 @@ class FusedOptimizer(Optimizer):
         self.last_step_skipped: Tensor | None = None
         self.grad_norm: Tensor | None = None
         super().__init__(params, defaults)
+        # torch.optim's checks, after its own construction as there (always fused here, so accepted)
+        if defaults.get("fused"):
+            if defaults.get("differentiable"):
+                raise RuntimeError("`fused` does not support `differentiable`")
+            if defaults.get("foreach"):
+                raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
 
     # -- pickling: Optimizer.__getstate__ keeps only defaults, state and param_groups
     def __getstate__(self):

@@ -112,11 +112,6 @@ class Adagrad(FusedOptimizer):
             "kahan_summation": kahan_summation,
         }
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, backend=backend)
-        if fused:
-            if differentiable:
-                raise RuntimeError("`fused` does not support `differentiable`")
-            if foreach:
-                raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         # Like torch.optim.Adagrad, state exists from the start (with the constructor's
         # initial_accumulator_value; parameters added later get the defaults' one).
         for group in self.param_groups:

@@ -100,11 +100,6 @@ class Adam(FusedOptimizer):
             "kahan_summation": kahan_summation,
         }
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, backend=backend)
-        if fused:
-            if differentiable:
-                raise RuntimeError("`fused` does not support `differentiable`")
-            if foreach:
-                raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
 
     def __setstate__(self, state):
         super().__setstate__(state)

@@ -19,7 +19,7 @@ is not linear), and only its rows are read and written, in the parameter, `state
 low-precision state; weight decay is not defined for sparse gradients and raises. `grad_mult`
 multiplies the coalesced values. A non-zero `found_inf` skips the step entirely (NOTE [overflow
 skip] in csrc/checks.h). `master_params` / `compensations` select the low-precision modes of
-NOTE [low-precision parameter modes] (csrc/cpu/adam_kernel.h); with master weights `state_sums`
+NOTE [low-precision parameter modes] (csrc/cpu/low_precision.h); with master weights `state_sums`
 are fp32.
 """
 

@@ -12,7 +12,7 @@ The contract, per parameter i (math in fp32 for bf16/fp16 tensors, fp64 for fp64
 with t the parameter's step count after the increment, in the operation order of
 torch.optim.Adam's single-tensor implementation. A non-zero `found_inf` skips the step entirely
 (NOTE [overflow skip] in csrc/checks.h). `master_params` / `compensations` select the
-low-precision modes of NOTE [low-precision parameter modes] (csrc/cpu/adam_kernel.h).
+low-precision modes of NOTE [low-precision parameter modes] (csrc/cpu/low_precision.h).
 """
 
 from __future__ import annotations

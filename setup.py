@@ -107,11 +107,13 @@ def _extension():
 
 
 class _BuildExt(cpp_extension.BuildExtension):
-    # NOTE [one C++ runtime]: the extension must use the libstdc++ that torch and Python loaded. Some
-    # Python builds' link flags carry -static-libstdc++; a second, static C++ runtime in the process
-    # then formats error messages with the other runtime's locale and crashes (seen with torch 2.11
-    # on Python 3.12 of an NVIDIA image: every TORCH_CHECK failure was a segmentation fault).
-    # tests/test_build.py checks that the built module needs libstdc++.so.
+    # NOTE [one C++ runtime]: the extension must use the libstdc++ that torch and Python loaded: a
+    # second, static copy of the C++ runtime in the process formats error messages with state the
+    # other one owns. On the H200 image of 2026-11-28 (Python 3.12.3, g++ 13.3, torch
+    # 2.11) pyeff._C carried libstdc++ code and every TORCH_CHECK failure crashed. Dropping
+    # -static-libstdc++ from the link (below: some Python builds' flags carry it) did not cure that
+    # there, and the same torch on Python 3.12/3.11 with g++ 12 builds and raises cleanly, so the
+    # cause is still open. tests/test_build.py detects it; scripts/gpu_check.sh records the toolchain.
     _STATIC = ("-static-libstdc++", "-static-libgcc")
 
     def build_extensions(self):

@@ -5,6 +5,9 @@
 # $OUT (default ./gpu-out). Wheels in .whl/ are installed first for packages the image lacks.
 #
 #   scripts/gpu_check.sh [all|test|bench]    (test: build + tests; bench: build if needed + benchmarks)
+#
+# After a build it records the toolchain and probes one C++ error path ($OUT/toolchain.log): on the
+# H200 image of 2026-11-28 every TORCH_CHECK failure in pyeff._C crashed (NOTE [one C++ runtime]).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -26,13 +29,34 @@ step() {  # step NAME CMD...: run, log to $OUT/NAME.log, print the rc, the time 
   return $rc
 }
 
+toolchain_report() {  # what links pyeff._C, what it needs, and whether a C++ error reaches Python
+  local so
+  so=$($PY -c "import pyeff._C as m; print(m.__file__)")
+  set -x
+  command -v c++ g++ cc; readlink -f "$(command -v c++)"; c++ --version | head -n 1
+  env | grep -E '^(CC|CXX|LDFLAGS|CFLAGS|CXXFLAGS|LDSHARED)=' || true
+  $PY -c "import sysconfig as s; [print(k, '=', s.get_config_var(k)) for k in ('CC', 'CXX', 'LDSHARED', 'LDFLAGS', 'LDCXXSHARED')]"
+  g++ -print-file-name=libstdc++.so; g++ -print-file-name=libstdc++.a
+  grep -E '^ *(g\+\+|c\+\+|x86_64-linux-gnu-g\+\+).* -shared ' "$OUT/build.log" | tail -n 1
+  readelf -dW "$so" | grep -E 'NEEDED|RPATH|RUNPATH'
+  nm -DC --defined-only "$so" | grep -cE ' std::| __gnu_cxx::'
+  $PY -X faulthandler -c "import torch; torch.zeros(2) + torch.zeros(3)" 2>&1 | tail -n 1
+  $PY -X faulthandler -c "import torch, pyeff; torch.ops.pyeff.grad_stats_cpu([torch.ones(3, dtype=torch.int32)])" 2>&1 | tail -n 3
+  if command -v gdb >/dev/null; then
+    gdb -q -batch -ex run -ex bt --args $PY -c "import torch, pyeff; torch.ops.pyeff.grad_stats_cpu([torch.ones(3, dtype=torch.int32)])" 2>&1 | tail -n 25
+  fi
+  set +x
+  return 0
+}
+
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   $PY -c "import sys, torch, triton; print(sys.version.split()[0], torch.__version__, torch.version.cuda, triton.__version__)"
   nproc; } >"$OUT/machine.log" 2>&1
 cat "$OUT/machine.log"
 PHASE=${1:-all}
 if [ "$PHASE" != bench ] || ! $PY -c "import pyeff._C" 2>/dev/null; then
-  step build $PY -m pip install --no-build-isolation --no-deps -e . || exit 1
+  step build $PY -m pip install -v --no-build-isolation --no-deps -e . || exit 1
+  step toolchain toolchain_report
 fi
 $PY -m pyeff info >>"$OUT/machine.log" 2>&1
 if [ "$PHASE" != bench ]; then

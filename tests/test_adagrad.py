@@ -478,7 +478,10 @@ def test_added_param_group_uses_the_defaults_accumulator_value_lazily():
     assert q2 not in opt_b.state
     for step in range(3):
         _set_grads(step, [p, q], [p2, q2])
-        opt_a.step()
+        try:
+            opt_a.step()
+        except KeyError:  # torch.optim.Adagrad before lazy state (e.g. 2.11) cannot step an added group
+            pytest.skip(f"torch {torch.__version__}'s Adagrad has no state for an added param group")
         opt_b.step()
     _assert_optimizers_match([p, q], [p2, q2], opt_a, opt_b, torch.float32)
 

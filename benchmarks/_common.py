@@ -65,10 +65,14 @@ def sync(device: torch.device | str) -> None:
 
 def interleaved(contenders: dict[str, Callable[[], object]], rounds: int, device="cpu", warmup: int = 1,
                 progress: Progress | None = None) -> dict[str, list[float]]:
-    """Seconds per call of each contender, timed in interleaved rounds after `warmup` untimed ones."""
+    """Seconds per call of each contender, timed in interleaved rounds after `warmup` untimed ones.
+    Each round starts one contender later than the one before, so that none always runs in the same
+    place (first after the previous round's last, say)."""
     times: dict[str, list[float]] = {name: [] for name in contenders}
+    order = list(contenders.items())
     for r in range(warmup + rounds):
-        for name, fn in contenders.items():
+        k = r % len(order)
+        for name, fn in order[k:] + order[:k]:
             sync(device)
             t0 = time.perf_counter()
             fn()
@@ -151,7 +155,9 @@ def rows_from_times(suite: str, case: str, times: dict[str, list[float]], *, num
                     torch_providers: tuple[str, ...] = ()) -> list[Row]:
     """One row per contender. `bytes_per_elem` is one figure for all or one per contender. A
     contender named CEILING is the bandwidth ceiling for the case: it moves the same bytes, and
-    every row's % ceiling is its time relative to the ceiling's."""
+    every row's % ceiling is its time relative to the ceiling's: the ratio of the medians, and in
+    the notes `paired_pct_ceiling`, the median of the ratios within each interleaved round, which
+    a drift of the machine's speed over the run (other tenants) moves less."""
     med = {k: statistics.median(v) for k, v in times.items()}
     best_torch = min((med[k] for k in torch_providers if k in med), default=None)
     rows = []
@@ -162,6 +168,9 @@ def rows_from_times(suite: str, case: str, times: dict[str, list[float]], *, num
             row.gbps = numel * nbytes / med[name] / 1e9
             if CEILING in med:
                 row.pct_ceiling = 100 * med[CEILING] / med[name]
+                if name != CEILING:
+                    row.extra["paired_pct_ceiling"] = statistics.median(
+                        100 * c / t for c, t in zip(times[CEILING], ts))
         if best_torch is not None and name != CEILING:
             row.vs_best_torch = best_torch / med[name]
         rows.append(row)

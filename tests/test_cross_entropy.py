@@ -112,7 +112,7 @@ def test_cpu_rows_in_place_matches_out_of_place():
     assert torch.equal(grad[3], torch.zeros(300))
 
 
-@pytest.mark.skipif("triton" not in BACKENDS, reason="triton is not installed")
+@pytest.mark.skipif("triton" not in BACKENDS, reason=f"triton: {backend_usable('triton', torch.device('cpu'))}")
 def test_triton_kernel_writes_every_output():
     from pyeff.kernels.cross_entropy import cross_entropy_rows
 

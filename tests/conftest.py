@@ -23,3 +23,13 @@ def pytest_collection_modifyitems(config, items):
 def _fresh_seed(request):
     # A different, reproducible seed per test: inputs are random, never zeros, never shared.
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def poison():
+    """torch.empty (also at::empty in the C++ ops) returns NaN-filled memory: an element a kernel
+    forgets to write fails the comparison."""
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(False)

@@ -28,16 +28,6 @@ def shapes_for(backend):
     return SHAPES_SMALL if backend == "triton" else SHAPES_CPU
 
 
-@pytest.fixture
-def poison():
-    """torch.empty (also at::empty in the C++ ops) returns NaN-filled memory: an element a kernel
-    forgets to write fails the comparison."""
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(False)
-
-
 def close(got, want, dtype, scale=1.0):
     torch.testing.assert_close(got, want, rtol=TOL[dtype], atol=TOL[dtype] * scale)
 

@@ -75,15 +75,13 @@ void adagrad_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   check_length(kOp, "grads", grads, n);
   check_length(kOp, "state_sums", state_sums, n);
   check_length(kOp, "state_steps", state_steps, n);
-  const auto mode = precision_mode(kOp, params, master_params, compensations);
-  check_length(kOp, "master_params", master_params, mode == cpu::PrecisionMode::MASTER ? n : 0);
-  check_length(kOp, "compensations", compensations, mode == cpu::PrecisionMode::KAHAN ? n : 0);
+  const LowPrecisionState low(kOp, params, master_params, compensations);
   if (n == 0) return;
 
   const auto dtype = params[0].scalar_type();
   const auto grad_dtype = grads[0].scalar_type();
   check_optimizer_dtypes(kOp, dtype, grad_dtype);
-  const auto state_dtype = mode == cpu::PrecisionMode::MASTER ? at::kFloat : dtype;
+  const auto state_dtype = low.state_dtype(dtype);
   const auto cpu = c10::DeviceType::CPU;
   std::vector<double> steps(n);
   std::vector<SparseRows> sparse(n);
@@ -96,8 +94,7 @@ void adagrad_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
       check_same_layout(kOp, "grads", i, grads[i], p, grad_dtype, cpu);
     }
     check_same_layout(kOp, "state_sums", i, state_sums[i], p, state_dtype, cpu);
-    if (mode == cpu::PrecisionMode::MASTER) check_same_layout(kOp, "master_params", i, master_params[i], p, at::kFloat, cpu);
-    if (mode == cpu::PrecisionMode::KAHAN) check_same_layout(kOp, "compensations", i, compensations[i], p, dtype, cpu);
+    low.check(kOp, i, p, dtype);
     steps[i] = host_scalar(kOp, "state_steps", state_steps[i]);
   }
   const GradScaling scaling = grad_scaling(kOp, grad_mult, found_inf);
@@ -109,7 +106,7 @@ void adagrad_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   a.offsets.assign(n + 1, 0);
   a.dtype = dtype;
   a.grad_dtype = grad_dtype;
-  a.mode = mode;
+  a.mode = low.mode;
   a.eps = eps;
   a.weight_decay = weight_decay;
   a.maximize = maximize;
@@ -120,8 +117,8 @@ void adagrad_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
     cpu::AdagradTensor& t = a.tensors[i];
     t.param = params[i].data_ptr();
     t.sum = state_sums[i].data_ptr();
-    t.master = mode == cpu::PrecisionMode::MASTER ? master_params[i].data_ptr<float>() : nullptr;
-    t.compensation = mode == cpu::PrecisionMode::KAHAN ? compensations[i].data_ptr() : nullptr;
+    t.master = low.master(i);
+    t.compensation = low.compensation(i);
     t.clr = lr / (1 + (step - 1) * lr_decay);
     int64_t work = params[i].numel();
     if (sparse[i].values.defined()) {
@@ -137,7 +134,7 @@ void adagrad_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
 
   PYEFF_ISA_SELECT(adagrad_kernel)(a);
 
-  for (size_t i = 0; i < n; ++i) set_host_scalar(state_steps[i], steps[i] + 1);
+  advance_steps(state_steps, steps);
   bump_versions({params, state_sums, state_steps, master_params, compensations});
 }
 

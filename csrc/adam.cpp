@@ -26,15 +26,13 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   check_length(kOp, "exp_avg_sqs", exp_avg_sqs, n);
   check_length(kOp, "max_exp_avg_sqs", max_exp_avg_sqs, amsgrad ? n : 0);
   check_length(kOp, "state_steps", state_steps, n);
-  const auto mode = precision_mode(kOp, params, master_params, compensations);
-  check_length(kOp, "master_params", master_params, mode == cpu::PrecisionMode::MASTER ? n : 0);
-  check_length(kOp, "compensations", compensations, mode == cpu::PrecisionMode::KAHAN ? n : 0);
+  const LowPrecisionState low(kOp, params, master_params, compensations);
   if (n == 0) return;
 
   const auto dtype = params[0].scalar_type();
   const auto grad_dtype = grads[0].scalar_type();
   check_optimizer_dtypes(kOp, dtype, grad_dtype);
-  const auto state_dtype = mode == cpu::PrecisionMode::MASTER ? at::kFloat : dtype;
+  const auto state_dtype = low.state_dtype(dtype);
   const auto cpu = c10::DeviceType::CPU;
   std::vector<double> steps(n);
   for (size_t i = 0; i < n; ++i) {
@@ -44,8 +42,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
     check_same_layout(kOp, "exp_avgs", i, exp_avgs[i], p, state_dtype, cpu);
     check_same_layout(kOp, "exp_avg_sqs", i, exp_avg_sqs[i], p, state_dtype, cpu);
     if (amsgrad) check_same_layout(kOp, "max_exp_avg_sqs", i, max_exp_avg_sqs[i], p, state_dtype, cpu);
-    if (mode == cpu::PrecisionMode::MASTER) check_same_layout(kOp, "master_params", i, master_params[i], p, at::kFloat, cpu);
-    if (mode == cpu::PrecisionMode::KAHAN) check_same_layout(kOp, "compensations", i, compensations[i], p, dtype, cpu);
+    low.check(kOp, i, p, dtype);
     steps[i] = host_scalar(kOp, "state_steps", state_steps[i]);
   }
   const GradScaling scaling = grad_scaling(kOp, grad_mult, found_inf);
@@ -57,7 +54,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   a.offsets = numel_offsets(params);
   a.dtype = dtype;
   a.grad_dtype = grad_dtype;
-  a.mode = mode;
+  a.mode = low.mode;
   a.lr = lr;
   a.beta1 = beta1;
   a.beta2 = beta2;
@@ -76,15 +73,15 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
     t.exp_avg = exp_avgs[i].data_ptr();
     t.exp_avg_sq = exp_avg_sqs[i].data_ptr();
     t.max_exp_avg_sq = amsgrad ? max_exp_avg_sqs[i].data_ptr() : nullptr;
-    t.master = mode == cpu::PrecisionMode::MASTER ? master_params[i].data_ptr<float>() : nullptr;
-    t.compensation = mode == cpu::PrecisionMode::KAHAN ? compensations[i].data_ptr() : nullptr;
+    t.master = low.master(i);
+    t.compensation = low.compensation(i);
     t.step_size = lr / (1 - std::pow(beta1, step));
     t.bias_correction2_sqrt = std::sqrt(1 - std::pow(beta2, step));
   }
 
   PYEFF_ISA_SELECT(adam_kernel)(a);
 
-  for (size_t i = 0; i < n; ++i) set_host_scalar(state_steps[i], steps[i] + 1);
+  advance_steps(state_steps, steps);
   bump_versions({params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, master_params, compensations});
 }
 

@@ -56,19 +56,6 @@ inline double host_scalar(const char* op, const char* name, const at::Tensor& t)
   }
 }
 
-// The optimizer ops: NOTE [low-precision parameter modes] from which state lists are given.
-inline cpu::PrecisionMode precision_mode(const char* op, at::TensorList params, at::TensorList masters,
-                                         at::TensorList comps) {
-  TORCH_CHECK(masters.empty() || comps.empty(), op,
-              ": `master_params` and `compensations` cannot both be given; choose master weights or "
-              "compensated summation");
-  if (masters.empty() && comps.empty()) return cpu::PrecisionMode::PLAIN;
-  const auto dtype = params.empty() ? at::kBFloat16 : params[0].scalar_type();
-  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, op,
-              ": master weights and compensated summation are for bfloat16/float16 parameters, got ", dtype);
-  return masters.empty() ? cpu::PrecisionMode::KAHAN : cpu::PrecisionMode::MASTER;
-}
-
 // The optimizer ops: floating parameters; gradients of the parameters' dtype or, for fp32/bf16/fp16
 // parameters, any of fp32/bf16/fp16.
 inline void check_optimizer_dtypes(const char* op, c10::ScalarType dtype, c10::ScalarType grad_dtype) {
@@ -80,6 +67,43 @@ inline void check_optimizer_dtypes(const char* op, c10::ScalarType dtype, c10::S
               op, ": expected grads of dtype ", dtype, (reduced ? " (or float32/bfloat16/float16)" : ""), ", got ",
               grad_dtype);
 }
+
+// The optimizer ops' low-precision state lists (NOTE [low-precision parameter modes]): the mode that
+// the given lists select, their lengths, their per-parameter layouts, and what the kernels take.
+struct LowPrecisionState {
+  cpu::PrecisionMode mode;
+  at::TensorList masters, comps;
+
+  LowPrecisionState(const char* op, at::TensorList params, at::TensorList master_params,
+                    at::TensorList compensations)
+      : mode(cpu::PrecisionMode::PLAIN), masters(master_params), comps(compensations) {
+    TORCH_CHECK(masters.empty() || comps.empty(), op,
+                ": `master_params` and `compensations` cannot both be given; choose master weights or "
+                "compensated summation");
+    if (!masters.empty() || !comps.empty()) {
+      const auto dtype = params.empty() ? at::kBFloat16 : params[0].scalar_type();
+      TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, op,
+                  ": master weights and compensated summation are for bfloat16/float16 parameters, got ", dtype);
+      mode = masters.empty() ? cpu::PrecisionMode::KAHAN : cpu::PrecisionMode::MASTER;
+    }
+    check_length(op, "master_params", masters, mode == cpu::PrecisionMode::MASTER ? params.size() : 0);
+    check_length(op, "compensations", comps, mode == cpu::PrecisionMode::KAHAN ? params.size() : 0);
+  }
+
+  // The dtype of the optimizer's moments/sums: fp32 next to fp32 master weights, else the parameters'.
+  c10::ScalarType state_dtype(c10::ScalarType dtype) const {
+    return mode == cpu::PrecisionMode::MASTER ? at::kFloat : dtype;
+  }
+
+  void check(const char* op, size_t i, const at::Tensor& p, c10::ScalarType dtype) const {
+    const auto cpu = c10::DeviceType::CPU;
+    if (mode == cpu::PrecisionMode::MASTER) check_same_layout(op, "master_params", i, masters[i], p, at::kFloat, cpu);
+    if (mode == cpu::PrecisionMode::KAHAN) check_same_layout(op, "compensations", i, comps[i], p, dtype, cpu);
+  }
+
+  float* master(size_t i) const { return mode == cpu::PrecisionMode::MASTER ? masters[i].data_ptr<float>() : nullptr; }
+  void* compensation(size_t i) const { return mode == cpu::PrecisionMode::KAHAN ? comps[i].data_ptr() : nullptr; }
+};
 
 // The optimizer ops' loss scaling and clipping (pyeff/optim/_fused.py, NOTE [mixed-precision step]).
 // NOTE [overflow skip]: a non-zero found_inf skips the whole step; parameters, every state tensor and
@@ -101,12 +125,16 @@ inline GradScaling grad_scaling(const char* op, const std::optional<at::Tensor>&
   return g;
 }
 
-// Writes a value that host_scalar accepted (a step count) without a dispatcher round trip.
-inline void set_host_scalar(const at::Tensor& t, double value) {
-  if (t.scalar_type() == at::kFloat) {
-    *t.data_ptr<float>() = static_cast<float>(value);
-  } else {
-    *t.data_ptr<double>() = value;
+// After the kernel: each step count becomes the value host_scalar read before it, plus one (written
+// without a dispatcher round trip).
+inline void advance_steps(at::TensorList state_steps, const std::vector<double>& before) {
+  for (size_t i = 0; i < state_steps.size(); ++i) {
+    const auto& t = state_steps[i];
+    if (t.scalar_type() == at::kFloat) {
+      *t.data_ptr<float>() = static_cast<float>(before[i] + 1);
+    } else {
+      *t.data_ptr<double>() = before[i] + 1;
+    }
   }
 }
 

@@ -149,31 +149,40 @@ struct Tiles {
   int64_t grain() const { return std::max<int64_t>(1, kParallelGrain / std::min(kTile, std::max<int64_t>(cols, 1))); }
 };
 
+// The element-wise kernels' parallel region: f(r, j0, j1) for row r's columns [j0, j1), one task per
+// (row, column tile).
+template <typename F>
+void parallel_tiles(int64_t rows, int64_t cols, const F& f) {
+  const Tiles tiles(rows, cols);
+  if (tiles.count_per_row == 0) return;
+  at::parallel_for(0, rows * tiles.count_per_row, tiles.grain(), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r = t / tiles.count_per_row, j0 = (t % tiles.count_per_row) * kTile;
+      f(r, j0, std::min(cols, j0 + kTile));
+    }
+  });
+}
+
 template <typename T, typename P, GeluApproximation A>
 void bias_gelu_forward(const BiasGeluForwardArgs& a) {
   using Acc = opmath_t<T>;
   using V = Vectorized<Acc>;
   constexpr int64_t kB = block_size<Acc>();
   const P* bias = static_cast<const P*>(a.bias);
-  const Tiles tiles(a.rows, a.cols);
-  if (tiles.count_per_row == 0) return;
-  at::parallel_for(0, a.rows * tiles.count_per_row, tiles.grain(), [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t r = t / tiles.count_per_row, j0 = (t % tiles.count_per_row) * kTile;
-      const T* x = static_cast<const T*>(a.x) + r * a.cols;
-      T* y = static_cast<T*>(a.y) + r * a.cols;
-      for_blocks<kB>(j0, std::min(a.cols, j0 + kTile), [&](int64_t j, int64_t n) {
-        V p, q;
-        load_n(x + j, n, p, q);
-        if (bias != nullptr) {  // h = x + bias
-          V bp, bq;
-          load_n(bias + j, n, bp, bq);
-          p = p + bp;
-          q = q + bq;
-        }
-        store_n(y + j, n, Gelu<Acc>::template value<A>(p), Gelu<Acc>::template value<A>(q));
-      });
-    }
+  parallel_tiles(a.rows, a.cols, [&](int64_t r, int64_t j0, int64_t j1) {
+    const T* x = static_cast<const T*>(a.x) + r * a.cols;
+    T* y = static_cast<T*>(a.y) + r * a.cols;
+    for_blocks<kB>(j0, j1, [&](int64_t j, int64_t n) {
+      V p, q;
+      load_n(x + j, n, p, q);
+      if (bias != nullptr) {  // h = x + bias
+        V bp, bq;
+        load_n(bias + j, n, bp, bq);
+        p = p + bp;
+        q = q + bq;
+      }
+      store_n(y + j, n, Gelu<Acc>::template value<A>(p), Gelu<Acc>::template value<A>(q));
+    });
   });
 }
 
@@ -239,22 +248,17 @@ void swiglu_forward(const SwigluForwardArgs& a) {
   using Acc = opmath_t<T>;
   using V = Vectorized<Acc>;
   constexpr int64_t kB = block_size<Acc>();
-  const Tiles tiles(a.rows, a.cols);
-  if (tiles.count_per_row == 0) return;
-  at::parallel_for(0, a.rows * tiles.count_per_row, tiles.grain(), [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t r = t / tiles.count_per_row, j0 = (t % tiles.count_per_row) * kTile;
-      const T* gate = static_cast<const T*>(a.gate) + r * a.gate_stride;
-      const T* up = static_cast<const T*>(a.up) + r * a.up_stride;
-      T* y = static_cast<T*>(a.y) + r * a.cols;
-      for_blocks<kB>(j0, std::min(a.cols, j0 + kTile), [&](int64_t j, int64_t n) {
-        V gp, gq, up_, uq;
-        load_n(gate + j, n, gp, gq);
-        load_n(up + j, n, up_, uq);
-        // y = gate * sigmoid(gate) * up
-        store_n(y + j, n, gp * sigmoid(gp) * up_, gq * sigmoid(gq) * uq);
-      });
-    }
+  parallel_tiles(a.rows, a.cols, [&](int64_t r, int64_t j0, int64_t j1) {
+    const T* gate = static_cast<const T*>(a.gate) + r * a.gate_stride;
+    const T* up = static_cast<const T*>(a.up) + r * a.up_stride;
+    T* y = static_cast<T*>(a.y) + r * a.cols;
+    for_blocks<kB>(j0, j1, [&](int64_t j, int64_t n) {
+      V gp, gq, up_, uq;
+      load_n(gate + j, n, gp, gq);
+      load_n(up + j, n, up_, uq);
+      // y = gate * sigmoid(gate) * up
+      store_n(y + j, n, gp * sigmoid(gp) * up_, gq * sigmoid(gq) * uq);
+    });
   });
 }
 
@@ -263,28 +267,23 @@ void swiglu_backward(const SwigluBackwardArgs& a) {
   using Acc = opmath_t<T>;
   using V = Vectorized<Acc>;
   constexpr int64_t kB = block_size<Acc>();
-  const Tiles tiles(a.rows, a.cols);
-  if (tiles.count_per_row == 0) return;
-  at::parallel_for(0, a.rows * tiles.count_per_row, tiles.grain(), [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t r = t / tiles.count_per_row, j0 = (t % tiles.count_per_row) * kTile;
-      const T* gate = static_cast<const T*>(a.gate) + r * a.gate_stride;
-      const T* up = static_cast<const T*>(a.up) + r * a.up_stride;
-      const T* dy = static_cast<const T*>(a.dy) + r * a.cols;
-      T* dgate = static_cast<T*>(a.dgate) + r * a.grad_stride;
-      T* dup = static_cast<T*>(a.dup) + r * a.grad_stride;
-      for_blocks<kB>(j0, std::min(a.cols, j0 + kTile), [&](int64_t j, int64_t n) {
-        V gp, gq, up_, uq, dp, dq;
-        load_n(gate + j, n, gp, gq);
-        load_n(up + j, n, up_, uq);
-        load_n(dy + j, n, dp, dq);
-        // s = sigmoid(gate): dup = dy * gate * s;  dgate = dy * up * s * (1 + gate * (1 - s))
-        const V sp = sigmoid(gp), sq = sigmoid(gq);
-        const V one(Acc(1));
-        store_n(dup + j, n, dp * gp * sp, dq * gq * sq);
-        store_n(dgate + j, n, dp * up_ * sp * (one + gp * (one - sp)), dq * uq * sq * (one + gq * (one - sq)));
-      });
-    }
+  parallel_tiles(a.rows, a.cols, [&](int64_t r, int64_t j0, int64_t j1) {
+    const T* gate = static_cast<const T*>(a.gate) + r * a.gate_stride;
+    const T* up = static_cast<const T*>(a.up) + r * a.up_stride;
+    const T* dy = static_cast<const T*>(a.dy) + r * a.cols;
+    T* dgate = static_cast<T*>(a.dgate) + r * a.grad_stride;
+    T* dup = static_cast<T*>(a.dup) + r * a.grad_stride;
+    for_blocks<kB>(j0, j1, [&](int64_t j, int64_t n) {
+      V gp, gq, up_, uq, dp, dq;
+      load_n(gate + j, n, gp, gq);
+      load_n(up + j, n, up_, uq);
+      load_n(dy + j, n, dp, dq);
+      // s = sigmoid(gate): dup = dy * gate * s;  dgate = dy * up * s * (1 + gate * (1 - s))
+      const V sp = sigmoid(gp), sq = sigmoid(gq);
+      const V one(Acc(1));
+      store_n(dup + j, n, dp * gp * sp, dq * gq * sq);
+      store_n(dgate + j, n, dp * up_ * sp * (one + gp * (one - sp)), dq * uq * sq * (one + gq * (one - sq)));
+    });
   });
 }
 

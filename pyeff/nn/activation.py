@@ -20,11 +20,6 @@ from ..ops import activation as ops
 from ._checks import check_float, check_like, param_for
 
 
-def _check_approximate(approximate: str) -> None:
-    if approximate not in ops.GELU_APPROXIMATIONS:
-        raise ValueError(f"Invalid approximate: {approximate!r}; expected 'none' or 'tanh'")
-
-
 class _BiasGeluFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, approximate: str, backend):
@@ -51,7 +46,7 @@ def bias_gelu(input: Tensor, bias: Tensor | None = None, approximate: str = "non
     """``gelu(input + bias, approximate)`` with ``bias`` of shape (input.shape[-1],), fused; the sum is
     kept in fp32 (never rounded to input's dtype). Without a bias, torch.nn.functional.gelu."""
     check_float("input", input)
-    _check_approximate(approximate)
+    ops.check_approximate(approximate)
     if bias is not None:
         if input.dim() == 0:
             raise ValueError("Invalid input shape: (); a bias needs a last dimension to add along")
@@ -99,7 +94,7 @@ class GELU(torch.nn.GELU):
     backend: str | None = None
 
     def __init__(self, approximate: str = "none", *, backend: str | None = None):
-        _check_approximate(approximate)
+        ops.check_approximate(approximate)
         super().__init__(approximate)
         if backend is not None:
             self.backend = backend
@@ -117,7 +112,7 @@ class LinearGELU(torch.nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
                  approximate: str = "none", backend: str | None = None):
-        _check_approximate(approximate)
+        ops.check_approximate(approximate)
         super().__init__(in_features, out_features, bias, device, dtype)
         self.approximate = approximate
         if backend is not None:

@@ -57,14 +57,14 @@ def _gelu_and_derivative(h: Tensor, approximate: str) -> tuple[Tensor, Tensor]:
     return h * cdf, cdf + h * torch.exp(-0.5 * h * h) / math.sqrt(2 * math.pi)
 
 
-def _check_approximate(approximate: str) -> None:
+def check_approximate(approximate: str) -> None:
     if approximate not in GELU_APPROXIMATIONS:
         raise ValueError(f"Invalid approximate: {approximate!r}; expected 'none' or 'tanh'")
 
 
 @BIAS_GELU_FORWARD.register("reference")
 def bias_gelu_forward_reference(x: Tensor, bias: Tensor | None, approximate: str) -> Tensor:
-    _check_approximate(approximate)
+    check_approximate(approximate)
     h = x.to(_acc(x.dtype))
     if bias is not None:
         h = h + bias.to(h.dtype)
@@ -74,7 +74,7 @@ def bias_gelu_forward_reference(x: Tensor, bias: Tensor | None, approximate: str
 @BIAS_GELU_BACKWARD.register("reference")
 def bias_gelu_backward_reference(dy: Tensor, x: Tensor, bias: Tensor | None, approximate: str,
                                  bias_grad: bool) -> tuple[Tensor, Tensor]:
-    _check_approximate(approximate)
+    check_approximate(approximate)
     if bias_grad and bias is None:
         raise RuntimeError("bias_gelu_backward: `bias_grad=True` needs the `bias`")
     h = x.to(_acc(x.dtype))

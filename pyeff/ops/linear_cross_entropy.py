@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ._registry import Op
-from .cross_entropy import REDUCTIONS, check_targets, cross_entropy_reference, opmath_dtype
+from .cross_entropy import REDUCTIONS, check_targets, cross_entropy_reference, opmath_dtype, total_weight
 
 LINEAR_CROSS_ENTROPY = Op("linear_cross_entropy")
 
@@ -71,7 +71,7 @@ def _chunked(rows_fn, hidden, weight, target, bias, ignore_index, label_smoothin
     v = weight.shape[0]
     dtype, acc, device = hidden.dtype, opmath_dtype(hidden.dtype), hidden.device
     check_targets(target, v, ignore_index)
-    total = (target != ignore_index).sum().to(acc)
+    total = total_weight(target, None, ignore_index, acc)
     scale = 1 / total if reduction == "mean" else torch.ones((), dtype=acc, device=device)  # inf: all ignored
     with_grad = grad_hidden or grad_weight or grad_bias
     row_losses = torch.empty((n,), dtype=acc, device=device)

@@ -205,6 +205,14 @@ def init_low_precision_state(group: dict, p: Tensor, state: dict, moment_keys: t
     return mode
 
 
+def append_low_precision_state(lists: dict[str, list[Tensor]], mode: str, state: dict) -> None:
+    """Add a parameter's master weight or compensation buffer to its op call's lists."""
+    if mode == "master":
+        lists["master_params"].append(state["master_param"])
+    elif mode == "kahan":
+        lists["compensations"].append(state["compensation"])
+
+
 def as_real(t: Tensor) -> Tensor:
     """torch.optim updates complex tensors as their real views."""
     return torch.view_as_real(t) if torch.is_complex(t) else t

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from ..ops.adagrad import adagrad_step
-from ._fused import LOW_PRECISION, FusedOptimizer, as_real, init_low_precision_state, low_precision_mode, scalar
+from ._fused import (LOW_PRECISION, FusedOptimizer, append_low_precision_state, as_real,
+                     init_low_precision_state, low_precision_mode, scalar)
 
 _LISTS = ("params", "grads", "state_sums", "state_steps", "master_params", "compensations")
 
@@ -186,10 +187,7 @@ class Adagrad(FusedOptimizer):
             lists["grads"].append(grad)
             lists["state_sums"].append(state_sum)
             lists["state_steps"].append(state["step"])
-            if mode == "master":
-                lists["master_params"].append(state["master_param"])
-            elif mode == "kahan":
-                lists["compensations"].append(state["compensation"])
+            append_low_precision_state(lists, mode, state)
         return list(calls.values())
 
     def _update(self, group, lists, grad_mult, found_inf):

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 from ..ops.adam import adam_step
-from ._fused import LOW_PRECISION, FusedOptimizer, as_real, init_low_precision_state, low_precision_mode, scalar
+from ._fused import (LOW_PRECISION, FusedOptimizer, append_low_precision_state, as_real,
+                     init_low_precision_state, low_precision_mode, scalar)
 
 _MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 _LISTS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps", "master_params",
@@ -150,10 +151,7 @@ class Adam(FusedOptimizer):
             if amsgrad:
                 lists["max_exp_avg_sqs"].append(as_real(state["max_exp_avg_sq"]))
             lists["state_steps"].append(state["step"])
-            if mode == "master":
-                lists["master_params"].append(state["master_param"])
-            elif mode == "kahan":
-                lists["compensations"].append(state["compensation"])
+            append_low_precision_state(lists, mode, state)
         return list(calls.values())
 
     def _update(self, group, lists, grad_mult, found_inf):

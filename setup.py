@@ -12,6 +12,9 @@ Build with `pip install --no-build-isolation -e .` against an installed torch.
 
 import os
 import platform
+import runpy
+import subprocess
+import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -80,6 +83,9 @@ def _extension():
         cxx.append("-march=native")
     macros = []
     sources = plain + _isa_wrappers(kernels)
+    # setuptools relinks only when a listed file is newer than the module: name what the wrappers
+    # include, the headers and this file (its flags), not just the compiled sources.
+    depends = kernels + _rel(ROOT.glob("csrc/**/*.h")) + ["setup.py"]
 
     use_cuda = bool(cuda_sources) and cpp_extension.CUDA_HOME is not None and _torch_has_cuda()
     if use_cuda:
@@ -92,6 +98,7 @@ def _extension():
             "pyeff._C",
             sources + cuda_sources,
             define_macros=macros,
+            depends=depends,
             include_dirs=[str(ROOT / "csrc")],
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
             extra_link_args=["-fopenmp"],
@@ -100,20 +107,29 @@ def _extension():
         "pyeff._C",
         sources,
         define_macros=macros,
+        depends=depends,
         include_dirs=[str(ROOT / "csrc")],
         extra_compile_args={"cxx": cxx},
         extra_link_args=["-fopenmp"],
     )
 
 
+# NOTE [one C++ runtime]
+# pyeff._C must use the libstdc++ that Python and torch already loaded. A second, static copy in the
+# process keeps its own locale state, so formatting a number into an error message (every
+# TORCH_CHECK with a size in it) fails: here the message arrives cut short; on the H200 image of
+# 2026-11-28 (Python 3.12.3, g++ 13.3, torch 2.11) `_C` held such a copy and the process crashed.
+# Removing -static-libstdc++ from the link flags (below) did not cure that image, and where its copy
+# came from is not known. So the link also names the runtime this process loaded: the linker then
+# resolves every libstdc++ symbol from it (NEEDED libstdc++.so.6) before it reaches the driver's own
+# -lstdc++, static or not, and the symbol versions are those that exist at run time. Forcing
+# -static-libstdc++ onto that link leaves the module correct (tests/test_build.py). Every build then
+# runs pyeff/_cxx_runtime.py on the result and fails, saying why, if a C++ error does not reach
+# Python whole: a clear build error rather than a module that crashes.
+_CXX_RUNTIME = ROOT / "pyeff" / "_cxx_runtime.py"  # loaded by path: pyeff itself is not built yet
+
+
 class _BuildExt(cpp_extension.BuildExtension):
-    # NOTE [one C++ runtime]: the extension must use the libstdc++ that torch and Python loaded: a
-    # second, static copy of the C++ runtime in the process formats error messages with state the
-    # other one owns. On the H200 image of 2026-11-28 (Python 3.12.3, g++ 13.3, torch
-    # 2.11) pyeff._C carried libstdc++ code and every TORCH_CHECK failure crashed. Dropping
-    # -static-libstdc++ from the link (below: some Python builds' flags carry it) did not cure that
-    # there, and the same torch on Python 3.12/3.11 with g++ 12 builds and raises cleanly, so the
-    # cause is still open. tests/test_build.py detects it; scripts/gpu_check.sh records the toolchain.
     _STATIC = ("-static-libstdc++", "-static-libgcc")
 
     def build_extensions(self):
@@ -121,9 +137,26 @@ class _BuildExt(cpp_extension.BuildExtension):
             cmd = getattr(self.compiler, attr, None)
             if cmd:
                 setattr(self.compiler, attr, [a for a in cmd if a not in self._STATIC])
+        runtime = runpy.run_path(str(_CXX_RUNTIME))["loaded_cxx_runtime"]()
         for ext in self.extensions:
             ext.extra_link_args = [a for a in ext.extra_link_args if a not in self._STATIC]
+            if runtime:
+                ext.extra_link_args.append(runtime)
         super().build_extensions()
+        for ext in self.extensions:
+            self._check_error_path(self.get_ext_fullpath(ext.name))
+
+    @staticmethod
+    def _check_error_path(path):
+        out = subprocess.run([sys.executable, str(_CXX_RUNTIME), path], capture_output=True, text=True, timeout=300)
+        if out.returncode != 0:
+            why = (out.stdout + out.stderr).strip().splitlines()[-3:] or [f"exit status {out.returncode}"]
+            raise RuntimeError(
+                f"pyeff: the built {path} does not pass C++ errors to Python intact: " + " | ".join(why) +
+                ". Its link has a second copy of libstdc++ (see NOTE [one C++ runtime] in setup.py); check "
+                "`readelf -d` for NEEDED libstdc++.so.6 and the link flags (LDFLAGS, CXX, Python's LDSHARED)."
+            )
+        print(f"pyeff: {Path(path).name}: C++ errors reach Python intact (pyeff/_cxx_runtime.py)")
 
 
 def _torch_has_cuda() -> bool:

@@ -15,6 +15,13 @@ namespace {
 
 std::string cpu_isa() { return cpu::isa_name(cpu::best_isa()); }
 
+// Always raises, with numbers in its message: pyeff/_cxx_runtime.py checks that the text reaches
+// Python whole, which a second copy of libstdc++ in the process breaks (NOTE [one C++ runtime]).
+void error_path_probe(int64_t value) {
+  TORCH_CHECK(false, "pyeff._C error path probe: ", static_cast<uint64_t>(value), " ",
+              0.5 * static_cast<double>(value));
+}
+
 bool built_with_cuda() {
 #ifdef PYEFF_WITH_CUDA
   return true;
@@ -51,6 +58,7 @@ void stream_inplace_cpu(at::TensorList read_write, at::TensorList read_only) {
 TORCH_LIBRARY_FRAGMENT(pyeff, m) {
   m.def("cpu_isa() -> str", &cpu_isa);
   m.def("built_with_cuda() -> bool", &built_with_cuda);
+  m.def("error_path_probe(int value) -> ()", &error_path_probe);
   m.def("stream_inplace_cpu(Tensor(a!)[] read_write, Tensor[] read_only) -> ()");
 }
 

@@ -7,7 +7,8 @@
 #   scripts/gpu_check.sh [all|test|bench]    (test: build + tests; bench: build if needed + benchmarks)
 #
 # After a build it records the toolchain and probes one C++ error path ($OUT/toolchain.log): on the
-# H200 image of 2026-11-28 every TORCH_CHECK failure in pyeff._C crashed (NOTE [one C++ runtime]).
+# H200 image of 2026-11-28 every TORCH_CHECK failure in an earlier pyeff._C crashed (NOTE [one C++
+# runtime] in setup.py; the build itself now checks this and stops if it fails).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -41,9 +42,9 @@ toolchain_report() {  # what links pyeff._C, what it needs, and whether a C++ er
   readelf -dW "$so" | grep -E 'NEEDED|RPATH|RUNPATH'
   nm -DC --defined-only "$so" | grep -cE ' std::| __gnu_cxx::'
   $PY -X faulthandler -c "import torch; torch.zeros(2) + torch.zeros(3)" 2>&1 | tail -n 1
-  $PY -X faulthandler -c "import torch, pyeff; torch.ops.pyeff.grad_stats_cpu([torch.ones(3, dtype=torch.int32)])" 2>&1 | tail -n 3
+  $PY -X faulthandler pyeff/_cxx_runtime.py "$so"; echo "probe rc=$?"
   if command -v gdb >/dev/null; then
-    gdb -q -batch -ex run -ex bt --args $PY -c "import torch, pyeff; torch.ops.pyeff.grad_stats_cpu([torch.ones(3, dtype=torch.int32)])" 2>&1 | tail -n 25
+    gdb -q -batch -ex run -ex bt --args $PY pyeff/_cxx_runtime.py "$so" 2>&1 | tail -n 25
   fi
   set +x
   return 0
@@ -55,7 +56,10 @@ toolchain_report() {  # what links pyeff._C, what it needs, and whether a C++ er
 cat "$OUT/machine.log"
 PHASE=${1:-all}
 if [ "$PHASE" != bench ] || ! $PY -c "import pyeff._C" 2>/dev/null; then
-  step build $PY -m pip install -v --no-build-isolation --no-deps -e . || exit 1
+  if ! step build $PY -m pip install -v --no-build-isolation --no-deps -e .; then
+    grep -E ' -shared |pyeff: ' "$OUT/build.log" | tail -n 3 >"$OUT/toolchain.log"  # the link and the probe's verdict
+    exit 1
+  fi
   step toolchain toolchain_report
 fi
 $PY -m pyeff info >>"$OUT/machine.log" 2>&1

@@ -98,6 +98,21 @@ def test_cuda_sources_compile(source, tmp_path):
     assert "warning" not in out.stderr.lower(), out.stderr
 
 
+CXX_RUNTIME = Path(pyeff.__file__).resolve().parent / "_cxx_runtime.py"
+
+
+def _probe(so_path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(CXX_RUNTIME), str(so_path)], capture_output=True, text=True)
+
+
+def test_cpp_errors_reach_python_whole():
+    # NOTE [one C++ runtime] (setup.py): run in a subprocess, as a broken runtime may crash it.
+    from pyeff import _C
+
+    out = _probe(_C.__file__)
+    assert out.returncode == 0, (out.returncode, out.stdout, out.stderr)
+
+
 @pytest.mark.skipif(shutil.which("readelf") is None, reason="needs readelf")
 def test_extension_shares_the_processes_cpp_runtime():
     # NOTE [one C++ runtime] (setup.py): a statically linked libstdc++ made every error message crash.
@@ -108,3 +123,39 @@ def test_extension_shares_the_processes_cpp_runtime():
     symbols = subprocess.run(["readelf", "-sW", "--dyn-syms", _C.__file__], capture_output=True, text=True).stdout
     defined = [line for line in symbols.splitlines() if "_ZNSo9_M_insert" in line and " UND " not in line]
     assert not defined, f"pyeff._C carries its own copy of libstdc++'s ostream: {defined[:2]}"
+
+
+PROBE_EXT = """
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+#include <cstdint>
+static void probe(int64_t v) {
+  TORCH_CHECK(false, "pyeff._C error path probe: ", static_cast<uint64_t>(v), " ", 0.5 * static_cast<double>(v));
+}
+TORCH_LIBRARY_FRAGMENT(pyeff, m) { m.def("error_path_probe(int value) -> ()", &probe); }
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux" or shutil.which("g++") is None, reason="needs g++ on Linux")
+def test_probe_sees_a_static_cpp_runtime_and_linking_the_loaded_one_cures_it(tmp_path):
+    # The failure setup.py guards against, made on purpose in a small module with the probe's op:
+    # -static-libstdc++ alone breaks the message; the same link naming the loaded runtime first does not.
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    from pyeff._cxx_runtime import loaded_cxx_runtime
+
+    runtime = loaded_cxx_runtime()
+    assert runtime and Path(runtime).exists()
+    src = tmp_path / "probe.cpp"
+    src.write_text(PROBE_EXT)
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}"
+    base = ["g++", "-std=c++17", "-w", "-O0", "-fPIC", "-shared", abi, str(src),
+            *[f"-I{p}" for p in include_paths()], f"-L{library_paths()[0]}", "-lc10", "-ltorch_cpu"]
+    results = {}
+    for name, extra in {"static": [], "cured": [runtime]}.items():
+        so = tmp_path / f"{name}.so"
+        subprocess.run(base + extra + ["-static-libstdc++", "-o", str(so)], check=True, capture_output=True)
+        results[name] = _probe(so)
+    assert results["static"].returncode != 0, results["static"].stdout
+    assert "arrived as" in results["static"].stdout or results["static"].returncode < 0
+    assert results["cured"].returncode == 0, (results["cured"].stdout, results["cured"].stderr)

@@ -12,6 +12,7 @@ Build with `pip install --no-build-isolation -e .` against an installed torch.
 
 import os
 import platform
+import re
 import runpy
 import subprocess
 import sys
@@ -87,7 +88,7 @@ def _extension():
     # include, the headers and this file (its flags), not just the compiled sources.
     depends = kernels + _rel(ROOT.glob("csrc/**/*.h")) + ["setup.py"]
 
-    use_cuda = bool(cuda_sources) and cpp_extension.CUDA_HOME is not None and _torch_has_cuda()
+    use_cuda = bool(cuda_sources) and _cuda_toolkit_usable()
     if use_cuda:
         macros.append(("PYEFF_WITH_CUDA", "1"))
         archs = os.environ.get("PYEFF_CUDA_ARCHS", "80;90").split(";")
@@ -159,10 +160,26 @@ class _BuildExt(cpp_extension.BuildExtension):
         print(f"pyeff: {Path(path).name}: C++ errors reach Python intact (pyeff/_cxx_runtime.py)")
 
 
-def _torch_has_cuda() -> bool:
+def _cuda_toolkit_usable() -> bool:
+    """Whether to compile the CUDA sources: torch has CUDA and a toolkit of the same major version
+    is installed (torch refuses to build with another; the CPU kernels are then built alone)."""
     import torch
 
-    return torch.version.cuda is not None
+    if torch.version.cuda is None or cpp_extension.CUDA_HOME is None:
+        return False
+    nvcc = Path(cpp_extension.CUDA_HOME) / "bin" / "nvcc"
+    try:
+        release = re.search(r"release (\d+)\.", subprocess.run([str(nvcc), "--version"], capture_output=True,
+                                                               text=True).stdout)
+    except OSError:
+        release = None
+    toolkit = release.group(1) if release else None
+    if toolkit != torch.version.cuda.split(".")[0]:
+        print(f"pyeff: torch was built with CUDA {torch.version.cuda} but the toolkit at {cpp_extension.CUDA_HOME} "
+              f"is CUDA {toolkit or '(unknown)'}: building the CPU kernels only. Point CUDA_HOME at a CUDA "
+              f"{torch.version.cuda.split('.')[0]}.x toolkit to build the CUDA kernels too.")
+        return False
+    return True
 
 
 packages = find_packages(include=["pyeff", "pyeff.*"]) + ["pyeff.kernels"]

@@ -4,6 +4,7 @@ against its reference."""
 from __future__ import annotations
 
 import copy
+from inspect import signature
 
 import pytest
 import torch
@@ -66,7 +67,11 @@ def run_both(name, kwargs, dtype, steps=10, complex_=False, shapes=SHAPES):
     pp = twin(pt)
     # torch refuses capturable=True for CPU tensors at step time; pyeff's step never syncs anyway and
     # takes it on any device, with the math of capturable=False.
-    ot = torch_cls(pt, **{k: v for k, v in kwargs.items() if k != "capturable"})
+    torch_kwargs = {k: v for k, v in kwargs.items() if k != "capturable"}
+    if torch_kwargs.get("decoupled_weight_decay") and "decoupled_weight_decay" not in signature(torch_cls).parameters:
+        torch_cls = torch.optim.AdamW  # older torch: Adam lacks the flag; AdamW is that algorithm
+        del torch_kwargs["decoupled_weight_decay"]
+    ot = torch_cls(pt, **torch_kwargs)
     op = pyeff_cls(pp, **kwargs)
     for _ in range(steps):
         set_grads([pt, pp])

@@ -136,26 +136,39 @@ TORCH_LIBRARY_FRAGMENT(pyeff, m) { m.def("error_path_probe(int value) -> ()", &p
 """
 
 
-@pytest.mark.skipif(sys.platform != "linux" or shutil.which("g++") is None, reason="needs g++ on Linux")
-def test_probe_sees_a_static_cpp_runtime_and_linking_the_loaded_one_cures_it(tmp_path):
-    # The failure setup.py guards against, made on purpose in a small module with the probe's op:
-    # -static-libstdc++ alone breaks the message; the same link naming the loaded runtime first does not.
+@pytest.fixture(scope="module")
+def static_runtime_probes(tmp_path_factory):
+    """The failure setup.py guards against, made on purpose in a small module with the probe's op,
+    linked with -static-libstdc++ alone ('static') and with the loaded runtime named first ('cured')."""
+    if sys.platform != "linux" or shutil.which("g++") is None:
+        pytest.skip("needs g++ on Linux")
     from torch.utils.cpp_extension import include_paths, library_paths
 
     from pyeff._cxx_runtime import loaded_cxx_runtime
 
     runtime = loaded_cxx_runtime()
     assert runtime and Path(runtime).exists()
-    src = tmp_path / "probe.cpp"
+    tmp = tmp_path_factory.mktemp("probe")
+    src = tmp / "probe.cpp"
     src.write_text(PROBE_EXT)
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}"
     base = ["g++", "-std=c++17", "-w", "-O0", "-fPIC", "-shared", abi, str(src),
             *[f"-I{p}" for p in include_paths()], f"-L{library_paths()[0]}", "-lc10", "-ltorch_cpu"]
     results = {}
     for name, extra in {"static": [], "cured": [runtime]}.items():
-        so = tmp_path / f"{name}.so"
+        so = tmp / f"{name}.so"
         subprocess.run(base + extra + ["-static-libstdc++", "-o", str(so)], check=True, capture_output=True)
         results[name] = _probe(so)
-    assert results["static"].returncode != 0, results["static"].stdout
-    assert "arrived as" in results["static"].stdout or results["static"].returncode < 0
-    assert results["cured"].returncode == 0, (results["cured"].stdout, results["cured"].stderr)
+    return results
+
+
+def test_naming_the_loaded_runtime_cures_a_static_libstdcxx(static_runtime_probes):
+    cured = static_runtime_probes["cured"]
+    assert cured.returncode == 0, (cured.stdout, cured.stderr)
+
+
+def test_probe_sees_what_a_static_libstdcxx_breaks(static_runtime_probes):
+    static = static_runtime_probes["static"]
+    if static.returncode == 0:  # as with torch 2.6 (old C++ ABI): its messages came through whole
+        pytest.skip("a static libstdc++ does not break error messages with this torch")
+    assert "arrived as" in static.stdout or static.returncode < 0, (static.returncode, static.stdout)

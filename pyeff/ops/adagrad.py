@@ -25,6 +25,8 @@ are fp32.
 
 from __future__ import annotations
 
+from typing import List  # custom_op signatures: torch < 2.7 cannot read list[Tensor]
+
 import torch
 from torch import Tensor
 
@@ -119,8 +121,8 @@ def adagrad_step_cpu(params, grads, state_sums, state_steps, master_params, comp
 
 @torch.library.custom_op("pyeff::adagrad_step", mutates_args=_MUTATED)
 def _adagrad_step_op(
-    params: list[Tensor], grads: list[Tensor], state_sums: list[Tensor], state_steps: list[Tensor],
-    master_params: list[Tensor], compensations: list[Tensor], lr: float, lr_decay: float, weight_decay: float,
+    params: List[Tensor], grads: List[Tensor], state_sums: List[Tensor], state_steps: List[Tensor],
+    master_params: List[Tensor], compensations: List[Tensor], lr: float, lr_decay: float, weight_decay: float,
     eps: float, maximize: bool, grad_mult: Tensor | None, found_inf: Tensor | None, backend: str,
 ) -> None:
     ADAGRAD(backend, params, grads, state_sums, state_steps, master_params, compensations, lr, lr_decay,

@@ -17,6 +17,8 @@ low-precision modes of NOTE [low-precision parameter modes] (csrc/cpu/low_precis
 
 from __future__ import annotations
 
+from typing import List  # custom_op signatures: torch < 2.7 cannot read list[Tensor]
+
 import torch
 from torch import Tensor
 
@@ -100,9 +102,9 @@ def adam_step_cpu(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_s
 
 @torch.library.custom_op("pyeff::adam_step", mutates_args=_MUTATED)
 def _adam_step_op(
-    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor], state_steps: list[Tensor], master_params: list[Tensor],
-    compensations: list[Tensor], lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+    params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
+    max_exp_avg_sqs: List[Tensor], state_steps: List[Tensor], master_params: List[Tensor],
+    compensations: List[Tensor], lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
     amsgrad: bool, maximize: bool, decoupled_weight_decay: bool, grad_mult: Tensor | None,
     found_inf: Tensor | None, backend: str,
 ) -> None:

@@ -9,6 +9,8 @@ From it the optimizer derives the overflow flag and the global L2 norm, which eq
 
 from __future__ import annotations
 
+from typing import List  # custom_op signatures: torch < 2.7 cannot read list[Tensor]
+
 import torch
 from torch import Tensor
 
@@ -36,7 +38,7 @@ def grad_stats_cpu(grads: list[Tensor]) -> Tensor:
 
 
 @torch.library.custom_op("pyeff::grad_stats", mutates_args=())
-def _grad_stats_op(grads: list[Tensor], backend: str) -> Tensor:
+def _grad_stats_op(grads: List[Tensor], backend: str) -> Tensor:
     return GRAD_STATS(backend, grads)
 
 

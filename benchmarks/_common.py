@@ -64,11 +64,12 @@ def sync(device: torch.device | str) -> None:
 
 
 def interleaved(contenders: dict[str, Callable[[], object]], rounds: int, device="cpu", warmup: int = 1,
-                progress: Progress | None = None) -> dict[str, list[float]]:
+                label: str | None = None) -> dict[str, list[float]]:
     """Seconds per call of each contender, timed in interleaved rounds after `warmup` untimed ones.
     Each round starts one contender later than the one before, so that none always runs in the same
-    place (first after the previous round's last, say)."""
+    place (first after the previous round's last, say). With a `label`, a progress bar counts the calls."""
     times: dict[str, list[float]] = {name: [] for name in contenders}
+    progress = Progress((warmup + rounds) * len(contenders), label) if label is not None else None
     order = list(contenders.items())
     for r in range(warmup + rounds):
         k = r % len(order)

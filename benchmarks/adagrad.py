@@ -96,8 +96,7 @@ def run(quick: bool = False, out_dir: Path | None = None) -> list[bench.Row]:
         fns[bench.CEILING] = lambda: torch.ops.pyeff.stream_inplace_cpu([flat["param"], flat["sum"]], [flat["grad"]])
         for fn in fns.values():  # first touch outside the timed rounds
             fn()
-        progress = bench.Progress(rounds * len(fns), f"adagrad {case}")
-        times = bench.interleaved(fns, rounds, progress=progress)
+        times = bench.interleaved(fns, rounds, label=f"adagrad {case}")
         rows += bench.rows_from_times("adagrad", case, times, numel=numel, bytes_per_elem=BYTES_PER_PARAM,
                                       torch_providers=TORCH_PROVIDERS)
         del fns, problem

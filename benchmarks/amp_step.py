@@ -80,7 +80,7 @@ def run(quick: bool = False, out_dir: Path | None = None) -> list[bench.Row]:
     for fn in fns.values():
         fn()
     case = f"{len(sizes)} tensors {numel / 1e6:.0f}M bf16+master"
-    times = bench.interleaved(fns, rounds, progress=bench.Progress(rounds * len(fns), f"amp_step {case}"))
+    times = bench.interleaved(fns, rounds, label=f"amp_step {case}")
     rows = bench.rows_from_times("amp_step", case, times, numel=numel, bytes_per_elem=BYTES,
                                  torch_providers=("torch_composition",))
     bench.save("amp_step", rows, out_dir, notes={"bytes_per_param": BYTES})

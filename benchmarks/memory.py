@@ -222,7 +222,7 @@ def flat_buffers(cfg: dict, rounds: int) -> list[bench.Row]:
     for fn in fns.values():  # state creation and first touch outside the timed rounds
         fn()
     case = f"adamw {n_tensors} tensors {numel / 1e6:.1f}M"
-    times = bench.interleaved(fns, rounds, progress=bench.Progress(rounds * len(fns), f"memory {case}"))
+    times = bench.interleaved(fns, rounds, label=f"memory {case}")
     return bench.rows_from_times("flat_buffers", case, times, numel=numel, bytes_per_elem=28,
                                  torch_providers=("pyeff_separate",))
 

@@ -134,8 +134,7 @@ def run(quick: bool = False, out_dir: Path | None = None) -> list[bench.Row]:
         contenders[bench.CEILING] = bench.ceiling_cpu(numel, read_write=writes, read_only=reads_only)
         for fn in contenders.values():  # compile / first touch outside the timed rounds
             fn()
-        progress = bench.Progress(rounds * len(contenders), f"nn_layers {case}")
-        times = bench.interleaved(contenders, rounds, progress=progress)
+        times = bench.interleaved(contenders, rounds, label=f"nn_layers {case}")
         case_rows = bench.rows_from_times("nn_layers", case, times, numel=numel, bytes_per_elem=bytes_per_elem,
                                           torch_providers=TORCH_PROVIDERS)
         eager = next(row.ms for row in case_rows if row.provider == "torch_eager")

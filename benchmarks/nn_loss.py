@@ -157,7 +157,7 @@ def run(quick: bool = False, out_dir: Path | None = None) -> list[bench.Row]:
         for fn in fns.values():
             fn()
         rounds = 3 if quick else 10
-        times = bench.interleaved(fns, rounds, progress=bench.Progress(rounds * len(fns), case))
+        times = bench.interleaved(fns, rounds, label=case)
         case_rows = bench.rows_from_times(SUITE, case, times, numel=numel, bytes_per_elem=2 * elem,
                                           torch_providers=TORCH_PROVIDERS)
         _add_vs_eager(case_rows)
@@ -171,7 +171,7 @@ def run(quick: bool = False, out_dir: Path | None = None) -> list[bench.Row]:
     for fn in fns.values():
         fn()
     rounds = 3 if quick else 6
-    times = bench.interleaved(fns, rounds, progress=bench.Progress(rounds * len(fns), case))
+    times = bench.interleaved(fns, rounds, label=case)
     del fns
     case_rows = bench.rows_from_times(SUITE, case, times, torch_providers=TORCH_PROVIDERS)
     _add_vs_eager(case_rows)

@@ -57,8 +57,7 @@ def run(quick: bool = False, out_dir: Path | None = None) -> list[bench.Row]:
             [flat["param"], flat["exp_avg"], flat["exp_avg_sq"]], [flat["grad"]])
         for fn in fns.values():  # compile / first touch outside the timed rounds
             fn()
-        progress = bench.Progress(rounds * len(fns), f"optim {case}")
-        times = bench.interleaved(fns, rounds, progress=progress)
+        times = bench.interleaved(fns, rounds, label=f"optim {case}")
         rows += bench.rows_from_times("adamw", case, times, numel=numel, bytes_per_elem=BYTES_PER_PARAM,
                                       torch_providers=TORCH_PROVIDERS)
         del fns, problem

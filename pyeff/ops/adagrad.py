@@ -30,6 +30,7 @@ from typing import List  # custom_op signatures: torch < 2.7 cannot read list[Te
 import torch
 from torch import Tensor
 
+from ._low_precision import store_param
 from ._multi_tensor import group_by_device_and_dtype, make_dense, on_device
 from ._registry import Op
 
@@ -92,22 +93,14 @@ def adagrad_step_reference(
         clr = lr / (1 + (step - 1) * lr_decay)
         s = take(state_sums[i]) + g * g  # state_sum.addcmul_(grad, grad, value=1)
         std = s.sqrt() + eps  # state_sum.sqrt().add_(eps)
-        old = take(param)
         if sparse:
             p = p + -clr * (g / std)  # param.add_(sparse(grad_values / std_values), alpha=-clr)
         else:
             p = p + -clr * g / std  # param.addcdiv_(grad, std, value=-clr)
 
         put(state_sums[i], s)
-        if compensations:  # NOTE [low-precision parameter modes]: compensated summation
-            y = (p - old) + take(compensations[i])
-            rounded = (old + y).to(param.dtype)
-            put(compensations[i], y - (rounded.to(acc) - old))
-            put(param, rounded)
-        else:
-            if master_params:
-                put(master_params[i], p)
-            put(param, p)
+        store_param(take, put, param, p, master=master_params[i] if master_params else None,
+                    compensation=compensations[i] if compensations else None)
         state_steps[i].add_(1)
 
 

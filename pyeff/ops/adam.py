@@ -22,6 +22,7 @@ from typing import List  # custom_op signatures: torch < 2.7 cannot read list[Te
 import torch
 from torch import Tensor
 
+from ._low_precision import store_param
 from ._multi_tensor import group_by_device_and_dtype, make_dense, on_device
 from ._registry import Op
 
@@ -76,16 +77,8 @@ def adam_step_reference(
 
         commit(exp_avgs[i], m)
         commit(exp_avg_sqs[i], v)
-        if compensations:  # NOTE [low-precision parameter modes]: compensated summation
-            old = param.to(acc)
-            y = (p - old) + compensations[i].to(acc)
-            rounded = (old + y).to(param.dtype)
-            commit(compensations[i], y - (rounded.to(acc) - old))
-            commit(param, rounded)
-        else:
-            if master_params:
-                commit(master_params[i], p)
-            commit(param, p)
+        store_param(lambda t: t.to(acc), commit, param, p, master=master_params[i] if master_params else None,
+                    compensation=compensations[i] if compensations else None)
         commit(state_steps[i], state_steps[i] + 1)
 
 

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "check.h"
 #include "cuda_runtime.h"
 
 extern "C" {
@@ -22,16 +23,6 @@ void pyeff_cuda_pool_reset_peak_stats(void);
 }
 
 namespace {
-
-int failures = 0;
-
-#define CHECK(cond)                                                                  \
-  do {                                                                               \
-    if (!(cond)) {                                                                   \
-      std::fprintf(stderr, "%s:%d: CHECK(%s) failed\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                                    \
-    }                                                                                \
-  } while (0)
 
 int64_t stat(int device, const std::string& name) {
   const int n = pyeff_cuda_pool_num_stats();
@@ -100,10 +91,5 @@ int main() {
   CHECK(stat(-1, "reserved_bytes.all.current") == 0);
   CHECK(fake_cuda().live.empty() && fake_cuda().bad_frees == 0);
   CHECK(fake_cuda().mallocs == fake_cuda().frees);
-  if (failures != 0) {
-    std::fprintf(stderr, "%d check(s) failed\n", failures);
-    return 1;
-  }
-  std::printf("ok\n");
-  return 0;
+  return report();
 }

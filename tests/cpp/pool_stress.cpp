@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "allocator/pool.h"
+#include "check.h"
 
 using pyeff::memory::kAllPools;
 using pyeff::memory::kLargePool;
@@ -34,8 +35,6 @@ using pyeff::memory::Pool;
 using pyeff::memory::Stats;
 
 namespace {
-
-int failures = 0;
 
 // Like cudaMalloc/cudaFree: memory is returned only as the whole allocations it was handed out in
 // (anything else is counted as a failure), and never resized.
@@ -73,24 +72,6 @@ class SegmentBackend final : public pyeff::memory::Backend {
   std::mutex mu_;
   std::map<void*, size_t> mapped_;
 };
-
-#define CHECK_EQ(a, b)                                                                                    \
-  do {                                                                                                    \
-    const long long va = static_cast<long long>(a), vb = static_cast<long long>(b);                      \
-    if (va != vb) {                                                                                       \
-      std::fprintf(stderr, "%s:%d: CHECK_EQ(%s, %s) failed: %lld != %lld\n", __FILE__, __LINE__, #a, #b, \
-                   va, vb);                                                                               \
-      ++failures;                                                                                         \
-    }                                                                                                     \
-  } while (0)
-
-#define CHECK(cond)                                                                  \
-  do {                                                                               \
-    if (!(cond)) {                                                                   \
-      std::fprintf(stderr, "%s:%d: CHECK(%s) failed\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                                    \
-    }                                                                                \
-  } while (0)
 
 void exact_statistics() {
   auto& os = pyeff::memory::os_backend();
@@ -335,10 +316,5 @@ int main(int argc, char** argv) {
   stress(segments, "whole segments", threads, iterations, seed + 1);
   CHECK_EQ(segments.bad_unmaps.load(), 0);
   CHECK_EQ(segments.outstanding(), 0);
-  if (failures != 0) {
-    std::fprintf(stderr, "%d check(s) failed\n", failures);
-    return 1;
-  }
-  std::printf("ok\n");
-  return 0;
+  return report();
 }

@@ -181,8 +181,8 @@ def bias_gelu_forward(x, bias, approximate):
     if rows and n:
         bm, bn = _blocks(n)
         _bias_gelu_forward_kernel[_grid(rows, n, bm, bn)](
-            x, bias if bias is not None else x, y, rows, n, x.stride(0), HAS_BIAS=bias is not None, TANH=approximate == "tanh",
-            ACC=_acc(x.dtype), BLOCK_M=bm, BLOCK_N=bn)
+            x, bias if bias is not None else x, y, rows, n, x.stride(0), HAS_BIAS=bias is not None,
+            TANH=approximate == "tanh", ACC=_acc(x.dtype), BLOCK_M=bm, BLOCK_N=bn)
     return y
 
 
@@ -197,8 +197,8 @@ def bias_gelu_backward(dy, x, bias, approximate, bias_grad):
     partial = torch.zeros((grid[0], n) if bias_grad else (0, 0), dtype=acc, device=x.device)
     if rows and n:
         _bias_gelu_backward_kernel[grid](
-            dy, x, bias if bias is not None else x, dx, partial if bias_grad else dx, rows, n, dy.stride(0), x.stride(0),
-            HAS_BIAS=bias is not None, BIAS_GRAD=bias_grad, TANH=approximate == "tanh", ACC=_acc(x.dtype),
+            dy, x, bias if bias is not None else x, dx, partial if bias_grad else dx, rows, n, dy.stride(0),
+            x.stride(0), HAS_BIAS=bias is not None, BIAS_GRAD=bias_grad, TANH=approximate == "tanh", ACC=_acc(x.dtype),
             BLOCK_M=bm, BLOCK_N=bn)
     # Second stage: the row tiles' column sums added in a fixed order.
     dbias = partial.sum(0).to(bias_dtype) if bias_grad else x.new_empty(0, dtype=bias_dtype)

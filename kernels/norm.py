@@ -181,7 +181,8 @@ def norm_forward(x, residual, weight, bias, eps, rms):
         x, residual if residual is not None else x, weight if weight is not None else x,
         bias if bias is not None else x, y, h if residual is not None else y, stats if rms else mean, stats, n,
         x.stride(0), residual.stride(0) if residual is not None else 0, eps, HAS_RESIDUAL=residual is not None,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, RMS=rms, ACC=_acc(x.dtype), BLOCK_N=block_n, num_warps=_num_warps(block_n))
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, RMS=rms, ACC=_acc(x.dtype), BLOCK_N=block_n,
+        num_warps=_num_warps(block_n))
     return y, h, mean, stats
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, for a machine with an NVIDIA GPU: build against that machine's torch, run the
 # whole test suite there (the CPU tests check compatibility with its torch/Python), the GPU tests
-# (compiled Triton kernels, the CUDA memory pool) and the GPU benchmarks. Logs and results go to
+# (compiled Triton kernels, the CUDA memory pool) and the GPU benchmarks (BENCH_ARGS=--quick: small). Logs and results go to
 # $OUT (default ./gpu-out). Wheels in .whl/ are installed first for packages the image lacks.
 #
 #   scripts/gpu_check.sh [all|test|bench]    (test: build + tests; bench: build if needed + benchmarks)
@@ -69,5 +69,5 @@ if [ "$PHASE" != bench ]; then
   step tests-gpu env TRITON_INTERPRET=0 $PY -m pytest -q -m gpu tests/
 fi
 if [ "$PHASE" != test ]; then
-  step bench-gpu $PY -m pyeff bench gpu_layers ${BENCH_ARGS:-} --out "$OUT/bench"
+  step bench-gpu $PY -m pyeff bench gpu_layers gpu_pool ${BENCH_ARGS:-} --out "$OUT/bench"
 fi

@@ -11,6 +11,12 @@ linear_cross_entropy goes further: it saves grad_hidden, grad_weight and grad_bi
 chunk by chunk during the forward, and never holds the full logits (pyeff/ops/linear_cross_entropy.py).
 The backward is not itself differentiable (double backward raises), and forwards outside grad mode
 skip the gradient entirely.
+A grad_output of 1 (loss.backward()) costs nothing: the saved gradient is returned as it is. On the
+CPU that is read from the (CPU) grad_output; on a GPU reading it would sync, so the saved gradients
+are scaled in place by a kernel that reads grad_output on the device and touches no memory when it
+equals the factor they already hold (pyeff.kernels.cross_entropy.rescale_). A second backward through
+a retained graph rescales them by the ratio of the grad_outputs; after a grad_output of 0 that ratio
+is undefined and the gradient becomes NaN (never silently wrong).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .. import ops
+from ..ops._registry import triton_available
 from ..ops.cross_entropy import REDUCTIONS
 
 _INT_TARGETS = (torch.int64, torch.uint8)  # what torch accepts as class indices
@@ -51,14 +58,27 @@ def _round_like_torch(loss: Tensor, input: Tensor) -> Tensor:
     return loss if torch.is_autocast_enabled(input.device.type) else loss.to(input.dtype)
 
 
-def _scale(grad: Tensor, grad_output: Tensor, reduction: str) -> Tensor:
-    # NOTE [gradient in the forward]: a unit grad_output takes the saved gradient as it is. It is
-    # never written to: the saved reference keeps autograd from accumulating into it in place (it
-    # copies instead), so a retained graph gives the same gradient again. Skipping a fresh buffer
-    # matters on the CPU, where a new large tensor pays its page faults (~0.1 s per 256 MiB here).
+def _applied_factor(grad: Tensor) -> Tensor | None:
+    """The device scalar that tracks the factor a saved GPU gradient holds (1 after the forward),
+    for an in-place rescale in the backward; None where the backward multiplies instead."""
+    if grad.device.type != "cuda" or not triton_available() or torch.compiler.is_compiling():
+        return None
+    return torch.ones((), dtype=torch.float32, device=grad.device)
+
+
+def _scale(grads: list[Tensor], grad_output: Tensor, reduction: str, applied: Tensor | None) -> list[Tensor]:
+    # NOTE [gradient in the forward]: a unit grad_output takes the saved gradients as they are.
+    # Autograd never accumulates into them in place (the saved reference makes it copy), so a
+    # retained graph finds them again. Skipping a fresh buffer matters on the CPU too, where a new
+    # large tensor pays its page faults (~0.1 s per 256 MiB here).
+    if applied is not None and grad_output.numel() == 1 and not torch.compiler.is_compiling():
+        from pyeff.kernels.cross_entropy import rescale_
+
+        rescale_(grads, grad_output, applied)
+        return grads
     if _is_one(grad_output):
-        return grad
-    return grad * (grad_output.unsqueeze(-1) if reduction == "none" and grad.dim() == 2 else grad_output)
+        return grads
+    return [g * (grad_output.unsqueeze(-1) if reduction == "none" and g.dim() == 2 else grad_output) for g in grads]
 
 
 class _CrossEntropy(torch.autograd.Function):
@@ -69,14 +89,15 @@ class _CrossEntropy(torch.autograd.Function):
         loss, grad = ops.cross_entropy(logits, target, weight, ignore_index, label_smoothing, reduction,
                                        with_grad=grad_mode and ctx.needs_input_grad[0], backend=backend)
         ctx.reduction = reduction
+        ctx.applied = _applied_factor(grad)
         ctx.save_for_backward(grad)
         return loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        return _scale(grad, grad_output, ctx.reduction), None, None, None, None, None, None, None
+        (grad,) = _scale(list(ctx.saved_tensors), grad_output, ctx.reduction, ctx.applied)
+        return grad, None, None, None, None, None, None, None
 
 
 def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, size_average=None,
@@ -145,13 +166,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
             hidden, weight, target, bias, ignore_index, label_smoothing, reduction, chunk_size,
             grad_hidden=need[0], grad_weight=need[1], grad_bias=bias is not None and need[3], backend=backend)
         ctx.need = (need[0], need[1], bias is not None and need[3])
+        ctx.applied = _applied_factor(gh)
         ctx.save_for_backward(gh, gw, gb)
         return loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        grads = [_scale(g, grad_output, "sum") if needed else None for g, needed in zip(ctx.saved_tensors, ctx.need)]
+        wanted = [g for g, needed in zip(ctx.saved_tensors, ctx.need) if needed]
+        scaled = iter(_scale(wanted, grad_output, "sum", ctx.applied))
+        grads = [next(scaled) if needed else None for needed in ctx.need]
         return grads[0], grads[1], None, grads[2], None, None, None, None, None, None
 
 

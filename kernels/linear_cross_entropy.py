@@ -22,7 +22,8 @@ for bf16/fp16 inputs (aten::addmm.dtype_out, torch >= 2.8 on CUDA); elsewhere ea
 is rounded to the input dtype before it is added in fp32. Extra memory: one chunk of logits, the
 N x H accumulator and the per-row partials. The chunk width is chosen for the device
 (vocab_chunk): logits about half the size of `hidden`, but wide enough that a chunk's GEMM fills the
-GPU.
+GPU. A `chunk_size` given in rows (the op's unit, see its contract) means a chunk holding as many
+logits as that many rows would.
 """
 
 from __future__ import annotations
@@ -65,12 +66,12 @@ def linear_cross_entropy(hidden, weight, target, bias, ignore_index, label_smoot
                          grad_weight, grad_bias, grad_scale):
     """(per-row losses, grad_hidden, grad_weight, grad_bias) of the contract, the gradients times
     `grad_scale` (a 0-d tensor, read on the device; None: 1); gradients not asked for are empty.
-    `chunk_size`: vocabulary entries per chunk (None: vocab_chunk)."""
+    `chunk_size`: chunks hold as many logits as that many rows (None: vocab_chunk)."""
     n, h = hidden.shape
     v = weight.shape[0]
     device = hidden.device
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    chunk = chunk_size or vocab_chunk(n, h, v, device)
+    chunk = vocab_chunk(n, h, v, device) if chunk_size is None else math.ceil(chunk_size * v / max(n, 1))
     starts = range(0, v, chunk)
     slots = [split_columns(n, min(chunk, v - v0), device)[0] for v0 in starts]
     partial = torch.empty((n, sum(slots), PARTIAL), dtype=acc, device=device)

@@ -18,9 +18,9 @@ each chunk's logits twice:
                           grad_h += g_j W_j (fp32 accumulator of N x H, rounded once at the end)
 
 grad_h's per-chunk products come out of the GEMM in fp32 where torch has matmuls with an fp32 output
-for bf16/fp16 inputs (aten::addmm.dtype_out, torch >= 2.8 on CUDA); elsewhere each chunk's product
-is rounded to the input dtype before it is added in fp32. Extra memory: one chunk of logits, the
-N x H accumulator and the per-row partials. The chunk width is chosen for the device
+for bf16/fp16 inputs (aten::mm.dtype, torch >= 2.8 on CUDA); elsewhere each chunk's product is
+rounded to the input dtype before it is added in fp32. Extra memory: one chunk of logits, the N x H
+accumulator (and one chunk's N x H product) and the per-row partials. The chunk width is chosen for the device
 (vocab_chunk): logits about half the size of `hidden`, but wide enough that a chunk's GEMM fills the
 GPU. A `chunk_size` given in rows (the op's unit, see its contract) means a chunk holding as many
 logits as that many rows would.
@@ -49,7 +49,7 @@ def vocab_chunk(rows: int, hidden_size: int, vocab: int, device: torch.device) -
 
 
 def _fp32_output_matmul(device: torch.device) -> bool:
-    return device.type == "cuda" and "dtype_out" in torch.ops.aten.addmm.overloads()
+    return device.type == "cuda" and "dtype" in torch.ops.aten.mm.overloads()
 
 
 def _accumulate_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -57,7 +57,7 @@ def _accumulate_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> 
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
     elif _fp32_output_matmul(acc.device):
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+        acc += torch.mm(a, b, out_dtype=acc.dtype)
     else:
         acc += torch.mm(a, b)
 

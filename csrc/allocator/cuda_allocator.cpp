@@ -28,6 +28,8 @@
 #include <cstdio>
 #include <memory>
 #include <string>
+#include <type_traits>
+#include <utility>
 
 #include "allocator/cuda_pool.h"
 
@@ -36,6 +38,7 @@ namespace {
 
 using Base = torch::cuda::CUDAPluggableAllocator::CUDAPluggableAllocator;
 using TorchStats = c10::cuda::CUDACachingAllocator::DeviceStats;
+using TorchStat = std::remove_reference_t<decltype(std::declval<TorchStats&>().allocation[0])>;  // its namespace moved
 using TorchPoolId = c10::cuda::MempoolId_t;
 using AllocatorState = c10::cuda::CUDACachingAllocator::AllocatorState;
 
@@ -85,7 +88,7 @@ void delete_block(void* ptr) { free(ptr); }
 
 PoolId pool_id(TorchPoolId id) { return {id.first, id.second}; }
 
-void copy_stat(c10::CachingDeviceAllocator::Stat& to, const Stat& from) {
+void copy_stat(TorchStat& to, const Stat& from) {
   to.current = from.current;
   to.peak = from.peak;
   to.allocated = from.allocated;

@@ -183,11 +183,11 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: T
                          ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean",
                          chunk_size: int | None = None, *, backend: str | None = None) -> Tensor:
     """cross_entropy(linear(hidden, weight, bias), target) without materialising the logits:
-    `hidden` is (..., H), `weight` (V, H), `bias` (V,), `target` (...) of class indices. Rows go in
-    chunks of `chunk_size` (default: default_chunk_size in pyeff/ops/linear_cross_entropy.py); the
-    forward computes the gradients of hidden, weight and bias (grad_weight accumulated in fp32) and
-    the backward scales them (NOTE [gradient in the forward]). reduction='none' only without
-    gradients."""
+    `hidden` is (..., H), `weight` (V, H), `bias` (V,), `target` (...) of class indices. The logits
+    go in chunks holding as many as `chunk_size` rows (default: the backend's choice; see
+    pyeff/ops/linear_cross_entropy.py); the forward computes the gradients of hidden, weight and bias
+    (grad_weight accumulated in fp32) and the backward scales them (NOTE [gradient in the forward]).
+    reduction='none' only without gradients."""
     _check_common("linear_cross_entropy", target, reduction, label_smoothing)
     if hidden.dim() == 0 or tuple(target.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(f"Expected target of shape {list(hidden.shape[:-1])} for hidden of shape "

@@ -312,7 +312,7 @@ def _block(columns: int) -> tuple[int, int]:
 
 
 @functools.cache
-def _programs_to_fill(device: torch.device) -> int:
+def programs_to_fill(device: torch.device) -> int:
     """Programs that keep every SM busy (4 per SM); 1 off the GPU (the interpreter: no split)."""
     if device.type != "cuda":
         return 1
@@ -325,7 +325,7 @@ def split_columns(rows: int, columns: int, device: torch.device, splits: int | N
     block, _ = _block(columns)
     if splits is None:
         most = max(1, columns // (2 * block))
-        splits = min(most, triton.cdiv(_programs_to_fill(device), max(rows, 1)))
+        splits = min(most, triton.cdiv(programs_to_fill(device), max(rows, 1)))
     per_program = triton.cdiv(triton.cdiv(columns, max(1, splits)), block) * block
     return triton.cdiv(columns, per_program), per_program
 

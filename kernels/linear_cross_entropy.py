@@ -33,7 +33,7 @@ import math
 import torch
 import triton
 
-from .cross_entropy import (PARTIAL, _programs_to_fill, row_gradients, row_losses_from_stats, row_stats,
+from .cross_entropy import (PARTIAL, programs_to_fill, row_gradients, row_losses_from_stats, row_stats,
                             smoothing_scalar, split_columns)
 
 CHUNK_ALIGN = 256  # columns
@@ -43,7 +43,7 @@ def vocab_chunk(rows: int, hidden_size: int, vocab: int, device: torch.device) -
     """Vocabulary entries per chunk: logits of about half `hidden`'s elements, but at least enough
     columns for the chunk's GEMM to give every SM four 128x128 tiles; a multiple of CHUNK_ALIGN."""
     rows = max(rows, 1)
-    fill = math.ceil(_programs_to_fill(device) * 128 * 128 / rows)
+    fill = math.ceil(programs_to_fill(device) * 128 * 128 / rows)
     cols = max(hidden_size // 2, fill, CHUNK_ALIGN)
     return min(vocab, triton.cdiv(cols, CHUNK_ALIGN) * CHUNK_ALIGN)
 

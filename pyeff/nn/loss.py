@@ -58,12 +58,13 @@ def _round_like_torch(loss: Tensor, input: Tensor) -> Tensor:
     return loss if torch.is_autocast_enabled(input.device.type) else loss.to(input.dtype)
 
 
-def _applied_factor(grad: Tensor) -> Tensor | None:
-    """The device scalar that tracks the factor a saved GPU gradient holds (1 after the forward),
-    for an in-place rescale in the backward; None where the backward multiplies instead."""
-    if grad.device.type != "cuda" or not triton_available() or torch.compiler.is_compiling():
+def _applied_factor(*grads: Tensor) -> Tensor | None:
+    """The device scalar that tracks the factor saved GPU gradients hold (1 after the forward), for
+    an in-place rescale in the backward; None where the backward multiplies instead."""
+    live = [g for g in grads if g.numel()]
+    if not live or live[0].device.type != "cuda" or not triton_available() or torch.compiler.is_compiling():
         return None
-    return torch.ones((), dtype=torch.float32, device=grad.device)
+    return torch.ones((), dtype=torch.float32, device=live[0].device)
 
 
 def _scale(grads: list[Tensor], grad_output: Tensor, reduction: str, applied: Tensor | None) -> list[Tensor]:
@@ -166,7 +167,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             hidden, weight, target, bias, ignore_index, label_smoothing, reduction, chunk_size,
             grad_hidden=need[0], grad_weight=need[1], grad_bias=bias is not None and need[3], backend=backend)
         ctx.need = (need[0], need[1], bias is not None and need[3])
-        ctx.applied = _applied_factor(gh)
+        ctx.applied = _applied_factor(gh, gw, gb)
         ctx.save_for_backward(gh, gw, gb)
         return loss
 

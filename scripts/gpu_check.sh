@@ -83,6 +83,6 @@ if [ "$PHASE" != bench ]; then
 fi
 if [ "$PHASE" != test ]; then
   step bench-optim env TRITON_INTERPRET=0 $PY -m pyeff bench optim_gpu ${BENCH_ARGS:-} --out "$OUT/bench"
-  step bench-layers env TRITON_INTERPRET=0 $PY -m pyeff bench gpu_layers ${BENCH_ARGS:-} --out "$OUT/bench"
+  step bench-layers env TRITON_INTERPRET=0 $PY -m pyeff bench gpu_layers gpu_pool ${BENCH_ARGS:-} --out "$OUT/bench"
 fi
 echo "== total $((SECONDS - T0)) s"

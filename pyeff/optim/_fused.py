@@ -13,6 +13,9 @@ update applies the multiplier in registers and skips the whole step when found_i
 - pyeff.amp.GradScaler sets only `grad_scale`, and the optimizer's pass finds the overflow;
 - `max_grad_norm=` asks for the norm pass even without a scaler, and then a non-finite gradient
   skips the step too (rather than writing NaN into every parameter, as clip_grad_norm_ would).
+- `grad_stats_provider`, when set (by pyeff.distributed's DDP comm hook), may hand over those two
+  numbers for exactly this step's gradients, computed while they were all-reduced; the read pass
+  is then skipped (NOTE [grad stats during the all-reduce] in pyeff/distributed/comm_hook.py).
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ class FusedOptimizer(Optimizer):
         # max_grad_norm is set (unscaled, as clip_grad_norm_ returns it).
         self.last_step_skipped: Tensor | None = None
         self.grad_norm: Tensor | None = None
+        # grads -> float32 [sum of squares, non-finite] for exactly these gradients, or None.
+        self.grad_stats_provider = None
         super().__init__(params, defaults)
         # torch.optim's checks, after its own construction as there (always fused here, so accepted)
         if defaults.get("fused"):
@@ -73,6 +78,7 @@ class FusedOptimizer(Optimizer):
         self.__dict__.setdefault("backend", None)
         self.__dict__.setdefault("last_step_skipped", None)
         self.__dict__.setdefault("grad_norm", None)
+        self.__dict__.setdefault("grad_stats_provider", None)
         for group in self.param_groups:
             group.setdefault("master_weights", False)
             group.setdefault("kahan_summation", False)
@@ -125,7 +131,9 @@ class FusedOptimizer(Optimizer):
         grad_mult = inv_scale
         self.grad_norm = None
         if grads and (self.max_grad_norm is not None or (grad_scale is not None and found_inf is None)):
-            stats = grad_stats(grads, backend=self.backend)
+            stats = self.grad_stats_provider(grads) if self.grad_stats_provider is not None else None
+            if stats is None:
+                stats = grad_stats(grads, backend=self.backend)
             nonfinite = stats[1]
             found_inf = nonfinite if found_inf is None else torch.maximum(found_inf.to(stats.device), nonfinite)
             if self.max_grad_norm is not None:

@@ -26,6 +26,7 @@ from torch.optim import Optimizer
 
 from ..ops._registry import BACKENDS
 from ..ops.grad_stats import grad_stats
+from . import _dtensor
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 # Parameter and gradient dtypes that may differ (torch >= 2.9 allows it through `param.grad_dtype`).
@@ -122,8 +123,10 @@ class FusedOptimizer(Optimizer):
                     raise RuntimeError(f"{name}: a gradient of shape {tuple(g.shape)} for a parameter of shape "
                                        f"{tuple(p.shape)}")
 
-    def _mixed_precision_prologue(self, grads: list[Tensor]) -> tuple[Tensor | None, Tensor | None]:
-        """(grad_mult, found_inf) for the update; see NOTE [mixed-precision step]."""
+    def _mixed_precision_prologue(self, grads: list[Tensor], shard_group=None) -> tuple[Tensor | None, Tensor | None]:
+        """(grad_mult, found_inf) for the update; see NOTE [mixed-precision step]. With `shard_group`,
+        `grads` are this rank's shards and the statistics are summed over the group (NOTE [DTensor
+        parameters] in _dtensor.py)."""
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         # The reciprocal in fp64, as torch.amp.GradScaler.unscale_ computes it.
@@ -134,6 +137,9 @@ class FusedOptimizer(Optimizer):
             stats = self.grad_stats_provider(grads) if self.grad_stats_provider is not None else None
             if stats is None:
                 stats = grad_stats(grads, backend=self.backend)
+                if shard_group is not None:
+                    torch.distributed.all_reduce(stats, group=shard_group)
+                    stats = torch.stack([stats[0], stats[1].clamp(max=1)])
             nonfinite = stats[1]
             found_inf = nonfinite if found_inf is None else torch.maximum(found_inf.to(stats.device), nonfinite)
             if self.max_grad_norm is not None:
@@ -163,7 +169,9 @@ class FusedOptimizer(Optimizer):
         with torch.set_grad_enabled(self.defaults["differentiable"]):
             self._check_inputs()
             calls = [(group, lists) for group in self.param_groups for lists in self._init_group(group)]
-            grad_mult, found_inf = self._mixed_precision_prologue([g for _, lists in calls for g in lists["grads"]])
+            shard_group = _dtensor.unwrap(calls)
+            grad_mult, found_inf = self._mixed_precision_prologue([g for _, lists in calls for g in lists["grads"]],
+                                                                  shard_group)
             for group, lists in calls:
                 self._update(group, lists, grad_mult, found_inf)
         return loss

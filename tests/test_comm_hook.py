@@ -42,12 +42,12 @@ def _ddp(model):
     return torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.2)
 
 
-def _run(rank, hook=None, poison=None, touch=None, compress=None):
+def _run(rank, hook=None, poison=None, touch=None, compress=None, dtype=torch.float32):
     """STEPS steps of DDP + pyeff AdamW(max_grad_norm); per step: the optimizer's norm, the norm of
     the gradients it stepped (get_total_norm), whether the hook's statistics were used, skipped."""
-    model = _model()
+    model = _model().to(dtype)
     ddp = _ddp(model)
-    opt = pyeff.optim.AdamW(model.parameters(), max_grad_norm=CLIP, **HYPER)
+    opt = pyeff.optim.AdamW(model.parameters(), max_grad_norm=CLIP, master_weights=True, **HYPER)
     used = []
     if hook:
         pyeff.distributed.register_grad_stats_hook(ddp, opt, compress=compress)
@@ -58,10 +58,10 @@ def _run(rank, hook=None, poison=None, touch=None, compress=None):
         if poison is not None and i == poison and rank == 1:
             x = x.clone()
             x[0, 0] = float("inf")
-        torch.nn.functional.mse_loss(ddp(x), y).backward()
+        torch.nn.functional.mse_loss(ddp(x.to(dtype)), y.to(dtype)).backward()
         if touch is not None and i == touch:
             next(model.parameters()).grad.mul_(0.5)  # changed after the hook saw it
-        ref = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+        ref = torch.nn.utils.get_total_norm([p.grad.float() for p in model.parameters()])
         opt.step()
         opt.zero_grad()
         log.append({"norm": opt.grad_norm.clone(), "ref": ref, "skipped": bool(opt.last_step_skipped),
@@ -100,6 +100,7 @@ def _worker(rank, port, out_dir):
             "bf16": _run(rank, hook=True, compress=torch.bfloat16),
             "poison": _run(rank, hook=True, poison=1),
             "touch": _run(rank, hook=True, touch=2),
+            "bf16_params": _run(rank, hook=True, dtype=torch.bfloat16),  # bf16 buckets, fp32 masters
             "zero_pyeff": _run_zero(rank, True),
             "zero_torch": _run_zero(rank, False),
         }
@@ -115,7 +116,7 @@ def ranks(tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 
-SCENARIOS = ["hook", "plain", "fp16", "bf16", "poison", "touch"]
+SCENARIOS = ["hook", "plain", "fp16", "bf16", "poison", "touch", "bf16_params"]
 pytestmark = pytest.mark.slow
 
 
@@ -126,13 +127,13 @@ def test_ranks_hold_identical_parameters(ranks, name):
         assert torch.equal(x, y)
 
 
-@pytest.mark.parametrize("name", ["hook", "fp16", "bf16", "poison"])
+@pytest.mark.parametrize("name", ["hook", "fp16", "bf16", "poison", "bf16_params"])
 def test_optimizer_takes_the_hooks_statistics(ranks, name):
     for r in ranks:
         assert all(step["used"] for step in r[name][1])
 
 
-@pytest.mark.parametrize("name", ["hook", "plain", "fp16", "bf16", "touch"])
+@pytest.mark.parametrize("name", ["hook", "plain", "fp16", "bf16", "touch", "bf16_params"])
 def test_norm_is_clip_grad_norms(ranks, name):
     # The norm of exactly the gradients stepped (after the compressed all-reduce, where compressed).
     for r in ranks:

@@ -8,8 +8,9 @@ bucket's statistics in that same pass, while later buckets are still being reduc
 
     all_reduce(bucket, SUM)  ->  bucket *= 1 / world, stats += [sum(bucket**2), any non-finite]
 
-(with compression: bucket cast to fp16/bf16 and divided by the world size in one pass, all-reduced,
-then widened back, that pass yielding the statistics). At the end of the backward the summed
+the second part one pass (pyeff.ops.scale_grad_stats). With compression the bucket is cast to
+fp16/bf16 and divided by the world size in one pass (a sum in fp16 could overflow before the
+division), all-reduced, then widened back into the bucket by the pass that yields the statistics. At the end of the backward the summed
 statistics, and the gradient tensors and versions they describe, are handed to the linked
 optimizer, which uses them instead of its own pass only if the gradients it steps are exactly
 those (same tensors, unmodified since: `_version`); otherwise it makes its own pass as before. Each
@@ -25,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..ops.grad_stats import grad_stats
+from ..ops.scale_grad_stats import scale_grad_stats
 
 _COMPRESS = (None, torch.float16, torch.bfloat16)
 
@@ -100,18 +101,15 @@ def grad_stats_hook(state: GradStatsState, bucket: dist.GradBucket) -> torch.fut
     state._begin()
     if state.compress is None:
         wire = buffer
-    else:  # cast and pre-divide in one pass (a sum in fp16 could overflow before the division)
+    else:
         wire = torch.empty_like(buffer, dtype=state.compress)
         torch.div(buffer, world, out=wire)
     fut = dist.all_reduce(wire, group=group, async_op=True).get_future()
 
     def finish(fut: torch.futures.Future) -> Tensor:
         reduced = fut.value()[0]
-        if state.compress is None:
-            reduced.div_(world)
-        else:
-            buffer.copy_(reduced)
-        state._add(bucket, grad_stats([buffer], backend=state.backend))
+        scale = 1.0 / world if state.compress is None else 1.0
+        state._add(bucket, scale_grad_stats(reduced, buffer, scale, backend=state.backend))
         return buffer
 
     return fut.then(finish)

@@ -1,0 +1,45 @@
+// pyeff::scale_grad_stats_cpu: checks and registration (csrc/cpu/scale_grad_stats_kernel.cpp).
+// Contract and reference: pyeff/ops/scale_grad_stats.py.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "cpu/scale_grad_stats_kernel.h"
+
+namespace pyeff {
+namespace {
+
+constexpr const char* kOp = "scale_grad_stats";
+
+bool low_or_single(at::ScalarType dt) { return dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf; }
+
+// dst = src * scale (dst may be src); returns float32 [sum of squares of dst, 1 if any inf/NaN else 0].
+at::Tensor scale_grad_stats_cpu(const at::Tensor& src, const at::Tensor& dst, double scale) {
+  TORCH_CHECK(src.device().is_cpu(), kOp, ": expected src on the CPU, got ", src.device());
+  TORCH_CHECK(dst.device().is_cpu(), kOp, ": expected dst on the CPU, got ", dst.device());
+  const auto s = src.scalar_type(), d = dst.scalar_type();
+  TORCH_CHECK((low_or_single(s) && low_or_single(d)) || (s == at::kDouble && d == at::kDouble), kOp,
+              ": expected src and dst to be float32, bfloat16 or float16 (or both float64), got ", s, " and ", d);
+  TORCH_CHECK(src.numel() == dst.numel(), kOp, ": expected dst to have src's ", src.numel(), " elements, got ",
+              dst.numel());
+  TORCH_CHECK(src.is_contiguous() && dst.is_contiguous(), kOp, ": expected src and dst to be contiguous");
+  TORCH_CHECK((src.data_ptr() == dst.data_ptr() && s == d) || !src.is_alias_of(dst), kOp,
+              ": src and dst share storage without being the same elements of one dtype");
+  cpu::ScaleGradStatsArgs a{src.const_data_ptr(), dst.data_ptr(), s, d, src.numel(), scale};
+  const auto stats = PYEFF_ISA_SELECT(scale_grad_stats_kernel)(a);
+  auto out = at::empty({2}, at::TensorOptions().dtype(at::kFloat));
+  out.data_ptr<float>()[0] = static_cast<float>(stats.sum_of_squares);
+  out.data_ptr<float>()[1] = stats.nonfinite ? 1.f : 0.f;
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(pyeff, m) {
+  m.def("scale_grad_stats_cpu(Tensor src, Tensor(a!) dst, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(pyeff, CPU, m) { m.impl("scale_grad_stats_cpu", &scale_grad_stats_cpu); }
+
+}  // namespace pyeff

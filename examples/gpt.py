@@ -26,7 +26,7 @@ class GPTConfig:
     seq_len: int = 128
     layers: int = 4
     d_model: int = 192
-    heads: int = 6
+    heads: int = 3
     dropout: float = 0.0
 
     def as_dict(self) -> dict:

@@ -1,13 +1,9 @@
 """pyeff.distributed's grad-stats comm hook, and ZeroRedundancyOptimizer over pyeff optimizers, in
 DDP with gloo (2 processes on the CPU). One spawn runs every scenario; the tests read its results."""
 
-import os
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from _gloo import one_process_on_the_whole_batch, spawn
 
 import pyeff
 import pyeff.distributed
@@ -18,12 +14,6 @@ CLIP = 0.5
 # A larger eps than the default keeps Adam from turning the rounding of near-zero gradient entries
 # (sums in another order across ranks) into visible update differences.
 HYPER = dict(lr=1e-2, eps=1e-5)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model():
@@ -89,31 +79,23 @@ def _run_zero(rank, pyeff_opt):
     return [p.detach().clone() for p in model.parameters()]
 
 
-def _worker(rank, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        results = {
-            "hook": _run(rank, hook=True),
-            "plain": _run(rank, hook=False),
-            "fp16": _run(rank, hook=True, compress=torch.float16),
-            "bf16": _run(rank, hook=True, compress=torch.bfloat16),
-            "poison": _run(rank, hook=True, poison=1),
-            "touch": _run(rank, hook=True, touch=2),
-            "bf16_params": _run(rank, hook=True, dtype=torch.bfloat16),  # bf16 buckets, fp32 masters
-            "zero_pyeff": _run_zero(rank, True),
-            "zero_torch": _run_zero(rank, False),
-        }
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank):
+    return {
+        "hook": _run(rank, hook=True),
+        "plain": _run(rank, hook=False),
+        "fp16": _run(rank, hook=True, compress=torch.float16),
+        "bf16": _run(rank, hook=True, compress=torch.bfloat16),
+        "poison": _run(rank, hook=True, poison=1),
+        "touch": _run(rank, hook=True, touch=2),
+        "bf16_params": _run(rank, hook=True, dtype=torch.bfloat16),  # bf16 buckets, fp32 masters
+        "zero_pyeff": _run_zero(rank, True),
+        "zero_torch": _run_zero(rank, False),
+    }
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("comm_hook")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+    return spawn(_worker, WORLD, tmp_path_factory.mktemp("comm_hook"))
 
 
 SCENARIOS = ["hook", "plain", "fp16", "bf16", "poison", "touch", "bf16_params"]
@@ -152,13 +134,8 @@ def test_step_with_hook_equals_step_without(ranks):
 def test_hook_matches_one_process_on_the_whole_batch(ranks):
     model = _model()
     opt = pyeff.optim.AdamW(model.parameters(), max_grad_norm=CLIP, **HYPER)
-    per_rank = [_batches(r) for r in range(WORLD)]
-    for i in range(STEPS):
-        x, y = (torch.cat(parts) for parts in zip(*(b[i] for b in per_rank)))
-        torch.nn.functional.mse_loss(model(x), y).backward()
-        opt.step()
-        opt.zero_grad()
-    for a, b in zip(model.parameters(), ranks[0]["hook"][0]):
+    expected = one_process_on_the_whole_batch(model, opt, [_batches(r) for r in range(WORLD)])
+    for a, b in zip(expected, ranks[0]["hook"][0]):
         # Adam turns gradient rounding on near-zero entries into update differences: 1e-3 of a step.
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 

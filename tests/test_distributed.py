@@ -1,22 +1,16 @@
 """pyeff's optimizers and scaler inside DistributedDataParallel (gloo, 2 processes on the CPU)."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _gloo import free_port
 
 import pyeff
 
 STEPS = 4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model():
@@ -53,7 +47,7 @@ def _worker(rank, world, port, out_dir):
 @pytest.mark.slow
 def test_ddp_matches_single_process_on_the_whole_batch(tmp_path):
     world = 2
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     for a, b in zip(*ranks):
         assert torch.equal(a, b)  # every rank holds the same parameters

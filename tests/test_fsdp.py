@@ -1,13 +1,9 @@
 """pyeff optimizers on FSDP2 (fully_shard, DTensor parameters) with gloo, 2 processes on the CPU:
 they step the local shards, and fused clipping and the overflow skip use the global statistics."""
 
-import os
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from _gloo import one_process_on_the_whole_batch, spawn
 
 import pyeff
 
@@ -17,12 +13,6 @@ CLIP = 0.5
 HYPER = dict(lr=1e-2, eps=1e-5)  # see tests/test_comm_hook.py
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model():
@@ -72,22 +62,13 @@ def _fsdp_run(rank, use_pyeff, poison=None):
             "state_is_dtensor": type(state["exp_avg"]).__name__ == "DTensor"}
 
 
-def _worker(rank, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        results = {"pyeff": _fsdp_run(rank, True), "torch": _fsdp_run(rank, False),
-                   "poison": _fsdp_run(rank, True, poison=1)}
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank):
+    return {"pyeff": _fsdp_run(rank, True), "torch": _fsdp_run(rank, False), "poison": _fsdp_run(rank, True, poison=1)}
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fsdp")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+    return spawn(_worker, WORLD, tmp_path_factory.mktemp("fsdp"))
 
 
 def test_pyeff_steps_fsdp2_shards_like_torch_adamw_with_clip_grad_norm(ranks):
@@ -113,13 +94,8 @@ def test_shards_are_not_replicas(ranks):
 def test_matches_one_process_on_the_whole_batch(ranks):
     model = _model()
     opt = pyeff.optim.AdamW(model.parameters(), max_grad_norm=CLIP, **HYPER)
-    per_rank = [_batches(r) for r in range(WORLD)]
-    for i in range(STEPS):
-        x, y = (torch.cat(parts) for parts in zip(*(b[i] for b in per_rank)))
-        torch.nn.functional.mse_loss(model(x), y).backward()
-        opt.step()
-        opt.zero_grad()
-    for a, b in zip(model.parameters(), ranks[0]["pyeff"]["params"]):
+    expected = one_process_on_the_whole_batch(model, opt, [_batches(r) for r in range(WORLD)])
+    for a, b in zip(expected, ranks[0]["pyeff"]["params"]):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
 

@@ -384,7 +384,7 @@ def run(args, rank, world, device) -> dict:
             profiler.__exit__(None, None, None)
             if rank == 0:
                 (args.out / "profile.txt").write_text(
-                    profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+                    profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=-1))
             profiler = None
         done = step + 1
         if done % args.log_every == 0 or done == stop:
@@ -424,8 +424,10 @@ def summarize(args, rank, world, device, step_times, tokens_per_step, val_loss, 
     }
     if rank == 0:
         (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print("train.py: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                       for k, v in summary.items()), flush=True)
+        val = f"val loss {val_loss:.4f}, " if val_loss is not None else ""
+        print(f"train.py: done, {summary['steps_run']} steps: {val}{summary['tokens_per_s']:.0f} tokens/s (median step "
+              f"{median:.3f} s), peak RSS {peak[0]:.0f} MiB (+{peak[1]:.0f} MiB during training); "
+              f"details in {args.out / 'summary.json'}", flush=True)
     return summary
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import math
 import os
@@ -328,7 +329,10 @@ def main(argv=None, prog=None) -> dict:
     args = parse_args(argv, prog)
     rank, world, device = init_distributed(args)
     try:
-        return run(args, rank, world, device)
+        summary = run(args, rank, world, device)
+        gc.collect()  # DDP's reducer holds the group: let it go, and every rank finish, before it is destroyed
+        dist.barrier()
+        return summary
     finally:
         dist.destroy_process_group()
         if pyeff.memory.is_enabled():

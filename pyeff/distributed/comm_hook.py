@@ -44,31 +44,34 @@ class GradStatsState:
         self.backend = backend
         self._partials: dict[int, Tensor] = {}  # bucket index -> float32 [sum of squares, non-finite]
         self._params: dict[int, list[torch.nn.Parameter]] = {}  # bucket index -> its parameters
-        self._callback_queued = False
+        self._buckets = 0  # how many buckets this backward has
         self._ready: tuple[Tensor, dict[int, tuple[int, int]]] | None = None
         self.optimizers: list = []
 
     # -- filled by the hook during the backward
-    def _begin(self) -> None:
-        """Called by the hook, in the backward. DDP queues its own end-of-backward callback (which
-        waits for the buckets and copies them into the .grad tensors) when the last bucket is
-        ready, after the hooks ran; a callback queued from within a callback runs after every one
-        queued before it, so `_finish` ends up after DDP's."""
-        if not self._callback_queued:
+    def _begin(self, bucket) -> None:
+        """Called by the hook, in the backward. DDP reduces the buckets in index order, so bucket 0
+        starts each backward's statistics (whatever an interrupted backward left is dropped). DDP
+        queues its own end-of-backward callback (which waits for the buckets and copies them into
+        the .grad tensors) when the last bucket is ready, after the hooks ran; a callback queued
+        from within a callback runs after every one queued before it, so `_finish` runs after DDP's."""
+        if bucket.is_last():
+            self._buckets = bucket.index() + 1
+        if bucket.index() == 0:
+            self._partials, self._params, self._ready = {}, {}, None
             engine = torch.autograd.Variable._execution_engine
             engine.queue_callback(lambda: engine.queue_callback(self._finish))
-            self._callback_queued = True
 
     def _add(self, bucket, stats: Tensor) -> None:  # may run on the communication thread
         self._partials[bucket.index()] = stats
         self._params[bucket.index()] = bucket.parameters()
 
     def _finish(self) -> None:
-        self._callback_queued = False
         partials = [self._partials[i] for i in sorted(self._partials)]
         params = [p for i in sorted(self._params) for p in self._params[i]]
+        complete = len(partials) == self._buckets
         self._partials, self._params = {}, {}
-        if not partials:
+        if not complete:  # a bucket's reduction did not report: the optimizer makes its own pass
             return
         total = torch.stack(partials).double().sum(0)
         stats = torch.stack([total[0], total[1].clamp(max=1)]).float()
@@ -98,7 +101,7 @@ def grad_stats_hook(state: GradStatsState, bucket: dist.GradBucket) -> torch.fut
     group = state.process_group if state.process_group is not None else dist.group.WORLD
     world = dist.get_world_size(group)
     buffer = bucket.buffer()
-    state._begin()
+    state._begin(bucket)
     if state.compress is None:
         wire = buffer
     else:

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pyeff  # noqa: E402
 from resnet18 import resnet18  # noqa: E402
+from train import free_port  # noqa: E402
 
 OPTIMIZERS = {"adamw": ("AdamW", dict(lr=1e-3, weight_decay=0.05)), "adam": ("Adam", dict(lr=1e-3)),
               "adagrad": ("Adagrad", dict(lr=0.01))}
@@ -79,7 +80,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", "29534"))
+                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()))
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -34,6 +34,7 @@ import math
 import os
 import random
 import re
+import socket
 import statistics
 import sys
 import time
@@ -66,7 +67,7 @@ def parse_args(argv=None, prog=None) -> argparse.Namespace:
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     p.add_argument("--min-lr", type=float, default=2e-4, help="learning rate at the end of the cosine")
-    p.add_argument("--warmup", type=int, default=30, help="linear warm-up steps")
+    p.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (default: 10%% of --steps, <= 30)")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--clip", type=float, default=1.0, help="max global gradient norm")
     p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16",
@@ -88,6 +89,8 @@ def parse_args(argv=None, prog=None) -> argparse.Namespace:
             raise SystemExit(f"train.py: Invalid --{name.replace('_', '-')}: {getattr(args, name)} (must be >= 1)")
     if args.stop_at is not None and not 0 < args.stop_at <= args.steps:
         raise SystemExit(f"train.py: Invalid --stop-at {args.stop_at}: must be in 1..--steps ({args.steps})")
+    if args.warmup is None:
+        args.warmup = min(30, args.steps // 10)
     if not 0 <= args.warmup < args.steps:
         raise SystemExit(f"train.py: Invalid --warmup {args.warmup}: must be in 0..--steps - 1")
     args.out = args.out or Path("runs") / ("train-stock" if args.stock else "train-pyeff")
@@ -96,6 +99,12 @@ def parse_args(argv=None, prog=None) -> argparse.Namespace:
 
 # -- distributed set-up ------------------------------------------------------------------------
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def init_distributed(args) -> tuple[int, int, torch.device]:
     """Rank, world size and device; a single process without torchrun is a world of one."""
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -103,7 +112,7 @@ def init_distributed(args) -> tuple[int, int, torch.device]:
         raise SystemExit("train.py: --device cuda, but torch sees no GPU")
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", "29533"))
+                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()))
     local = int(os.environ["LOCAL_RANK"])
     device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
     if use_cuda:
@@ -245,7 +254,7 @@ def load_checkpoint(args, model, opt, scaler, sched, rank, world, device) -> int
     mismatch = {k: (state[k], v) for k, v in (("config", model.cfg.as_dict()), ("stock", args.stock),
                                               ("precision", args.precision), ("seed", args.seed)) if state[k] != v}
     if mismatch:
-        raise SystemExit(f"train.py: the checkpoint was written by another set-up: "
+        raise SystemExit("train.py: the checkpoint was written by another set-up: "
                          + "; ".join(f"{k}: checkpoint {a}, now {b}" for k, (a, b) in mismatch.items()))
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])

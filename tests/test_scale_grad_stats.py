@@ -70,8 +70,10 @@ def test_independent_of_thread_count():
 
 
 BAD = [
-    (lambda: (torch.randn(5), torch.zeros(5, dtype=torch.float64)), r"float32, bfloat16 or float16 \(or both float64\)"),
-    (lambda: (torch.randn(5, dtype=torch.float64), torch.zeros(5)), r"got (torch.float64|Double) and (torch.float32|Float)"),
+    (lambda: (torch.randn(5), torch.zeros(5, dtype=torch.float64)),
+     r"float32, bfloat16 or float16 \(or both float64\)"),
+    (lambda: (torch.randn(5, dtype=torch.float64), torch.zeros(5)),
+     r"got (torch.float64|Double) and (torch.float32|Float)"),
     (lambda: (torch.randn(5), torch.zeros(6)), "5 elements"),
     (lambda: (torch.randn(4, 6).t(), torch.zeros(24)), "contiguous"),
 ]

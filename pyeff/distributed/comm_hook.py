@@ -8,13 +8,15 @@ bucket's statistics in that same pass, while later buckets are still being reduc
 
     all_reduce(bucket, SUM)  ->  bucket *= 1 / world, stats += [sum(bucket**2), any non-finite]
 
-the second part one pass (pyeff.ops.scale_grad_stats). With compression the bucket is cast to
+the second part in one pass (pyeff.ops.scale_grad_stats). With compression, the bucket is cast to
 fp16/bf16 and divided by the world size in one pass (a sum in fp16 could overflow before the
-division), all-reduced, then widened back into the bucket by the pass that yields the statistics. At the end of the backward the summed
-statistics, and the gradient tensors and versions they describe, are handed to the linked
-optimizer, which uses them instead of its own pass only if the gradients it steps are exactly
-those (same tensors, unmodified since: `_version`); otherwise it makes its own pass as before. Each
-handed set is used once. Bucket partials are combined in float64 in bucket order.
+division), all-reduced, then widened back into the bucket by the pass that yields the statistics.
+
+At the end of the backward the summed statistics, and the gradient tensors and versions they
+describe, are handed to the linked optimizer, which uses them instead of its own pass only if the
+gradients it steps are exactly those (same tensors, unmodified since: `_version`); otherwise it
+makes its own pass as before. Each handed set is used once. Bucket partials are combined in
+float64 in bucket order, and only when every bucket reported.
 
 With ZeroRedundancyOptimizer each rank's optimizer steps a shard of the parameters, while the
 hook saw all of them: the norm is then the whole model's (as `clip_grad_norm_(model.parameters())`

@@ -1,6 +1,9 @@
 """scale_grad_stats (dst = src * scale, with grad_stats of dst, in one pass): backends vs reference."""
 
 import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -93,3 +96,28 @@ def test_overlapping_src_and_dst_raise():
     buf = torch.randn(10)
     with pytest.raises(RuntimeError, match="share storage"):
         scale_grad_stats(buf[:5], buf[5:], 2.0, backend="cpu")
+
+
+@pytest.mark.parametrize("isa", ["default", "avx2"])
+def test_lower_isa_builds_give_the_same_bits(isa, tmp_path):
+    # The kernel is compiled once per ISA (NOTE [per-ISA kernels] in setup.py): every build writes
+    # the same dst; the sum of squares is added in vector lanes as wide as the ISA's, so it may
+    # differ in the last bits (as grad_stats's does).
+    code = """
+import sys, torch, pyeff
+from pyeff.ops.scale_grad_stats import scale_grad_stats
+torch.manual_seed(0)
+src = torch.randn(70_001); out = []
+for dst_dtype in (torch.float32, torch.bfloat16, torch.float16):
+    dst = torch.empty(70_001, dtype=dst_dtype)
+    out += [scale_grad_stats(src, dst, 0.3, backend="cpu"), dst]
+torch.save(out, sys.argv[1])
+"""
+    best, low = tmp_path / "best.pt", tmp_path / "low.pt"
+    subprocess.run([sys.executable, "-c", code, best], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-c", code, low], check=True, capture_output=True,
+                   env={**os.environ, "PYEFF_CPU_ISA": isa})
+    got, want = torch.load(low), torch.load(best)
+    for i in range(0, len(got), 2):
+        torch.testing.assert_close(got[i], want[i], rtol=1e-6, atol=0)
+        assert torch.equal(got[i + 1], want[i + 1])

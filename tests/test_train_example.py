@@ -119,3 +119,27 @@ def test_resnet_example_trains_under_torchrun():
     assert "ResNet-18 from" in proc.stdout and "pyeff.optim.AdamW, bf16, 2 process(es)" in proc.stdout
     accuracy = float(proc.stdout.split("held-out accuracy ")[1].split()[0])
     assert accuracy > 0.3  # chance is 0.1: the generated classes are learnable in a few steps
+
+
+@pytest.mark.parametrize("stock", [False, True])
+def test_a_skipped_step_leaves_the_schedule_and_the_weights(train_module, stock, tmp_path):
+    import torch.distributed as dist
+    from _gloo import free_port
+
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{free_port()}")
+    try:
+        args = train_module.parse_args([*TINY, "--out", str(tmp_path)] + (["--stock"] if stock else []))
+        model, ddp, opt, scaler, sched = train_module.build(args, torch.device("cpu"), 1)
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+        x = torch.randint(0, 256, (4, 32))
+        train_module.train_step(args, ddp, model, opt, scaler, sched, x, x, autocast)
+        assert sched.last_epoch == 1
+        with torch.no_grad():
+            model.blocks[0].mlp[0].bias[0] = float("inf")  # every gradient after it becomes inf/NaN
+        before = [p.detach().clone() for p in model.parameters()]
+        _, norm, skipped = train_module.train_step(args, ddp, model, opt, scaler, sched, x, x, autocast)
+        assert skipped and not torch.isfinite(torch.as_tensor(norm))
+        assert sched.last_epoch == 1  # the LR did not advance
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    finally:
+        dist.destroy_process_group()

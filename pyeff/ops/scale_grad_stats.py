@@ -6,6 +6,7 @@ bfloat16 or float16 in any pair (or both float64); `dst` may be `src` itself. Wr
 returns float32 ``[sum of dst**2, any element of dst non-finite]`` exactly as
 ``grad_stats([dst])`` would after the write (NOTE [grad stats during the all-reduce] in
 pyeff/distributed/comm_hook.py: the DDP comm hook averages a reduced bucket with it).
+Backends: the C++ CPU kernel, and the reference (several passes) for any other device.
 """
 
 from __future__ import annotations

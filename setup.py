@@ -22,6 +22,7 @@ from setuptools import find_packages, setup
 from torch.utils import cpp_extension
 
 ROOT = Path(__file__).resolve().parent
+_BUILD = runpy.run_path(str(ROOT / "pyeff" / "_build.py"))  # the compiler flags (pyeff is not built yet)
 GEN = Path("build") / "pyeff_isa"  # generated per-ISA wrappers, relative to ROOT
 
 # NOTE [per-ISA kernels]
@@ -78,8 +79,7 @@ def _extension():
     plain = _rel(p for p in ROOT.glob("csrc/**/*.cpp") if p.name not in {Path(k).name for k in kernels})
     cuda_sources = _rel(ROOT.glob("csrc/**/*.cu"))
 
-    cxx = ["-O3", "-g0", "-std=c++17", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-Wno-psabi",
-           "-Wno-maybe-uninitialized"]  # the last two: false alarms from the at::vec headers
+    cxx = list(_BUILD["CXX_FLAGS"])  # the C++ standard is torch's (its headers need it)
     if os.environ.get("PYEFF_PORTABLE", "0") in ("", "0") and _is_x86():
         cxx.append("-march=native")
     macros = []
@@ -92,9 +92,7 @@ def _extension():
     if use_cuda:
         macros.append(("PYEFF_WITH_CUDA", "1"))
         archs = os.environ.get("PYEFF_CUDA_ARCHS", "80;90").split(";")
-        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
-        nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
-        nvcc.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
+        nvcc = _BUILD["nvcc_flags"](archs)  # NOTE [kernel numerics flags] in pyeff/_build.py
         return cpp_extension.CUDAExtension(
             "pyeff._C",
             sources + cuda_sources,

@@ -1,5 +1,5 @@
-// pyeff::bias_gelu_{forward,backward}_cpu and pyeff::swiglu_{forward,backward}_cpu: checks and
-// registration of the activation kernels (csrc/cpu/activation_kernel.cpp). Contracts and references:
+// bias_gelu_{forward,backward} and swiglu_{forward,backward}'s CPU backend: checks and registration
+// (as torch.ops.pyeff.<op>.cpu) of the activation kernels (csrc/cpu/activation_kernel.cpp). Contracts and references:
 // pyeff/ops/activation.py.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -171,19 +171,11 @@ at::Tensor swiglu_backward_cpu(const at::Tensor& dy, const at::Tensor& gate, con
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(pyeff, m) {
-  m.def("bias_gelu_forward_cpu(Tensor x, Tensor? bias, str approximate) -> Tensor");
-  m.def("bias_gelu_backward_cpu(Tensor dy, Tensor x, Tensor? bias, str approximate, bool bias_grad) "
-        "-> (Tensor, Tensor)");
-  m.def("swiglu_forward_cpu(Tensor gate, Tensor? up) -> Tensor");
-  m.def("swiglu_backward_cpu(Tensor dy, Tensor gate, Tensor? up) -> Tensor");
-}
-
 TORCH_LIBRARY_IMPL(pyeff, CPU, m) {
-  m.impl("bias_gelu_forward_cpu", &bias_gelu_forward_cpu);
-  m.impl("bias_gelu_backward_cpu", &bias_gelu_backward_cpu);
-  m.impl("swiglu_forward_cpu", &swiglu_forward_cpu);
-  m.impl("swiglu_backward_cpu", &swiglu_backward_cpu);
+  m.impl("bias_gelu_forward.cpu", &bias_gelu_forward_cpu);
+  m.impl("bias_gelu_backward.cpu", &bias_gelu_backward_cpu);
+  m.impl("swiglu_forward.cpu", &swiglu_forward_cpu);
+  m.impl("swiglu_backward.cpu", &swiglu_backward_cpu);
 }
 
 }  // namespace pyeff

@@ -45,15 +45,21 @@ inline std::vector<int64_t> numel_offsets(at::TensorList tensors) {
   return offsets;
 }
 
+// A one-element float32 (or, with `fp64_ok`, float64) tensor on `device`: a step count, a flag, a
+// scale, a learning rate.
+inline void check_scalar(const char* op, const std::string& name, const at::Tensor& t, const c10::Device& device,
+                         bool fp64_ok = true, int64_t numel = 1) {
+  TORCH_CHECK(t.numel() == numel, op, ": expected ", name, " to have ",
+              numel == 1 ? std::string("one element") : std::to_string(numel) + " elements", ", got ", t.numel());
+  TORCH_CHECK(t.device() == device, op, ": expected ", name, " on ", device, ", got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || (fp64_ok && t.scalar_type() == at::kDouble), op, ": expected ",
+              name, fp64_ok ? " to be float32 or float64, got " : " to be float32, got ", t.scalar_type());
+}
+
 // A one-element fp32/fp64 CPU tensor read on the host (a step count, a flag, a scale).
 inline double host_scalar(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.numel() == 1, op, ": expected ", name, " to have one element, got ", t.numel());
-  TORCH_CHECK(t.device().is_cpu(), op, ": expected ", name, " on the CPU, got ", t.device());
-  switch (t.scalar_type()) {
-    case at::kFloat: return *t.const_data_ptr<float>();
-    case at::kDouble: return *t.const_data_ptr<double>();
-    default: TORCH_CHECK(false, op, ": expected ", name, " to be float32 or float64, got ", t.scalar_type());
-  }
+  check_scalar(op, name, t, c10::Device(c10::DeviceType::CPU));
+  return t.scalar_type() == at::kFloat ? *t.const_data_ptr<float>() : *t.const_data_ptr<double>();
 }
 
 // The optimizer ops: floating parameters; gradients of the parameters' dtype or, for fp32/bf16/fp16
@@ -96,9 +102,9 @@ struct LowPrecisionState {
   }
 
   void check(const char* op, size_t i, const at::Tensor& p, c10::ScalarType dtype) const {
-    const auto cpu = c10::DeviceType::CPU;
-    if (mode == cpu::PrecisionMode::MASTER) check_same_layout(op, "master_params", i, masters[i], p, at::kFloat, cpu);
-    if (mode == cpu::PrecisionMode::KAHAN) check_same_layout(op, "compensations", i, comps[i], p, dtype, cpu);
+    const auto device = p.device().type();
+    if (mode == cpu::PrecisionMode::MASTER) check_same_layout(op, "master_params", i, masters[i], p, at::kFloat, device);
+    if (mode == cpu::PrecisionMode::KAHAN) check_same_layout(op, "compensations", i, comps[i], p, dtype, device);
   }
 
   float* master(size_t i) const { return mode == cpu::PrecisionMode::MASTER ? masters[i].data_ptr<float>() : nullptr; }
@@ -114,6 +120,16 @@ struct GradScaling {
   double mult = 1.0;  // gradients are multiplied by this first (inverse loss scale x clip coefficient)
 };
 
+// The optimizer ops' control scalars, each optional: grad_mult and found_inf (float32) and lr_tensor
+// (float32 or float64), one element each on the parameters' device.
+inline void check_controls(const char* op, const c10::Device& device, const std::optional<at::Tensor>& grad_mult,
+                           const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& lr_tensor) {
+  if (grad_mult) check_scalar(op, "grad_mult", *grad_mult, device, false);
+  if (found_inf) check_scalar(op, "found_inf", *found_inf, device, false);
+  if (lr_tensor) check_scalar(op, "lr_tensor", *lr_tensor, device);
+}
+
+// The control scalars read on the host (CPU kernels; check_controls first).
 inline GradScaling grad_scaling(const char* op, const std::optional<at::Tensor>& grad_mult,
                                 const std::optional<at::Tensor>& found_inf) {
   GradScaling g;

@@ -1,5 +1,5 @@
-// pyeff::norm_forward_cpu / norm_backward_cpu: checks and registration of the LayerNorm / RMSNorm
-// kernels (csrc/cpu/norm_kernel.cpp). Contract and reference: pyeff/ops/norm.py.
+// norm_forward / norm_backward's CPU backend: checks and registration (as torch.ops.pyeff.<op>.cpu) of the
+// LayerNorm / RMSNorm kernels (csrc/cpu/norm_kernel.cpp). Contract and reference: pyeff/ops/norm.py.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -145,16 +145,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(pyeff, m) {
-  m.def("norm_forward_cpu(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, bool rms) "
-        "-> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("norm_backward_cpu(Tensor dy, Tensor? dsum, Tensor h, Tensor? weight, Tensor mean, Tensor rstd, "
-        "bool rms, bool weight_grad, bool bias_grad) -> (Tensor, Tensor, Tensor)");
-}
-
 TORCH_LIBRARY_IMPL(pyeff, CPU, m) {
-  m.impl("norm_forward_cpu", &norm_forward_cpu);
-  m.impl("norm_backward_cpu", &norm_backward_cpu);
+  m.impl("norm_forward.cpu", &norm_forward_cpu);
+  m.impl("norm_backward.cpu", &norm_backward_cpu);
 }
 
 }  // namespace pyeff

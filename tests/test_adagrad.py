@@ -24,13 +24,13 @@ from torch.testing._internal.common_optimizers import OptimizerErrorEnum, optim_
 
 import pyeff
 from pyeff.ops import OPS
-from pyeff.ops.adagrad import _adagrad_step_op, adagrad_step
+from pyeff.ops.adagrad import ADAGRAD, adagrad_step
 
 ADAGRAD_INFO = next(info for info in optim_db if info.optim_cls is torch.optim.Adagrad)
 OPTIM_INPUTS = ADAGRAD_INFO.optim_inputs_func(device="cpu")
 ERROR_INPUTS = ADAGRAD_INFO.optim_error_inputs_func(device="cpu", dtype=torch.float32)
 
-BACKENDS = [b for b in OPS["adagrad_step"].impls if b != "reference" and
+BACKENDS = [b for b in OPS["adagrad_step"].backends() if b != "reference" and
             pyeff.ops.backend_usable(b, torch.device("cpu")) is None]
 # Sizes that are no multiple of any vector width or block (16/32/64 elements).
 SIZES = (1, 3, 31, 33, 100, 1000, 4099)
@@ -249,8 +249,8 @@ def test_property_cpu_matches_reference(data, dtype_mode, n_tensors, lr, lr_deca
 
 def test_custom_op_passes_opcheck():
     lists = _op_inputs(torch.float32, (3, 40))
-    args = (*lists, 0.1, 0.0, 0.1, 1e-10, False, torch.tensor(0.5), torch.tensor(0.0), "cpu")
-    torch.library.opcheck(_adagrad_step_op, args, test_utils=("test_schema", "test_faketensor"))
+    args = (*lists, 0.1, 0.0, 0.1, 1e-10, False, torch.tensor(0.5), torch.tensor(0.0), None)
+    torch.library.opcheck(ADAGRAD.overload("cpu"), args, test_utils=("test_schema", "test_faketensor"))
 
 
 def test_lower_isa_variants_agree(tmp_path):
@@ -262,7 +262,7 @@ torch.manual_seed(0)
 ps = [torch.randn(1003), torch.randn(40, 33)]
 gs = [torch.randn(1003), torch.sparse_coo_tensor(torch.tensor([[3, 1, 3, 39]]), torch.randn(4, 33), (40, 33))]
 ss = [torch.rand(1003), torch.rand(40, 33)]
-torch.ops.pyeff.adagrad_step_cpu(ps, gs, ss, [torch.zeros(()), torch.zeros(())], [], [], lr=0.1, lr_decay=0.1,
+torch.ops.pyeff.adagrad_step.cpu(ps, gs, ss, [torch.zeros(()), torch.zeros(())], [], [], lr=0.1, lr_decay=0.1,
     weight_decay=0.0, eps=1e-10, maximize=True, grad_mult=torch.tensor(0.5))
 torch.save(ps + ss, sys.argv[1])
 """
@@ -306,8 +306,8 @@ BAD_OP_INPUTS = [
     ("grad shape", _edit(_good, 1, 1, torch.randn(7)), {}, r"grads\[1\] of shape \[6\]"),
     ("sum dtype", _edit(_good, 2, 0, lambda s: s.half()), {}, r"state_sums\[0\] to be Float, got Half"),
     ("sum layout", _edit(_good, 2, 1, torch.rand(12)[::2]), {}, r"state_sums\[1\] to be dense"),
-    ("step dtype", _edit(_good, 3, 1, torch.tensor(1)), {}, r"state_steps to be float32 or float64"),
-    ("step numel", _edit(_good, 3, 0, torch.zeros(2)), {}, r"state_steps to have one element"),
+    ("step dtype", _edit(_good, 3, 1, torch.tensor(1)), {}, r"state_steps\[1\] to be float32 or float64"),
+    ("step numel", _edit(_good, 3, 0, torch.zeros(2)), {}, r"state_steps\[0\] to have one element"),
     ("int params", lambda: [[torch.ones(3, dtype=torch.int32)], [torch.ones(3, dtype=torch.int32)],
                             [torch.ones(3, dtype=torch.int32)], [torch.zeros(())], [], []], {},
      r"expected floating-point parameters"),
@@ -338,7 +338,7 @@ def test_bad_op_inputs_raise_before_writing(backend, name, make, extra, regex):
     kwargs = dict(lr=0.1, lr_decay=0.0, weight_decay=0.0, eps=1e-10, maximize=False, grad_mult=None,
                   found_inf=None)
     kwargs.update(extra)
-    impl = OPS["adagrad_step"].impls[backend]
+    impl = OPS["adagrad_step"].overload(backend)
     with pytest.raises(RuntimeError, match=regex):
         impl(*lists, **kwargs)
     for xs, ys in zip(lists, before):

@@ -318,8 +318,8 @@ BAD_FUNCTIONAL = [
     (lambda: PF.add_rms_norm(_x(3, 4), _x(3, 4, dtype=torch.float64), (4,)), ValueError,
      r"Invalid residual dtype: torch.float64; expected input's dtype torch.float32"),
     (lambda: PF.add_rms_norm(_x(3, 4), None, (4,)), ValueError, r"Invalid residual: None"),
-    (lambda: PF.layer_norm(_x(3, 4), (4,), backend="cuda"), RuntimeError, r"backend `cuda` is not implemented"),
-    (lambda: PF.layer_norm(_x(3, 4), (4,), backend="nope"), RuntimeError, r"backend `nope` is not implemented"),
+    (lambda: PF.layer_norm(_x(3, 4), (4,), backend="cuda"), RuntimeError, r"backend `cuda` cannot run here"),
+    (lambda: PF.layer_norm(_x(3, 4), (4,), backend="nope"), RuntimeError, r"unknown backend `nope`"),
 ]
 
 
@@ -331,25 +331,25 @@ def test_bad_functional_input_raises(call, exc, pattern):
 
 f32 = torch.float32
 BAD_KERNEL = [
-    (lambda: torch.ops.pyeff.norm_forward_cpu(_x(3), None, None, None, 1e-5, False), r"expected x to be 2-D"),
-    (lambda: torch.ops.pyeff.norm_forward_cpu(_x(3, 4).t(), None, None, None, 1e-5, False),
+    (lambda: torch.ops.pyeff.norm_forward.cpu(_x(3), None, None, None, 1e-5, False), r"expected x to be 2-D"),
+    (lambda: torch.ops.pyeff.norm_forward.cpu(_x(3, 4).t(), None, None, None, 1e-5, False),
      r"expected x to be contiguous"),
-    (lambda: torch.ops.pyeff.norm_forward_cpu(torch.ones(3, 4, dtype=torch.int32), None, None, None, 1e-5, False),
+    (lambda: torch.ops.pyeff.norm_forward.cpu(torch.ones(3, 4, dtype=torch.int32), None, None, None, 1e-5, False),
      r"expected x to be float32, float64, bfloat16 or float16, got Int"),
-    (lambda: torch.ops.pyeff.norm_forward_cpu(_x(3, 4), _x(3, 5), None, None, 1e-5, False),
+    (lambda: torch.ops.pyeff.norm_forward.cpu(_x(3, 4), _x(3, 5), None, None, 1e-5, False),
      r"expected residual of shape \[3, 4\]"),
-    (lambda: torch.ops.pyeff.norm_forward_cpu(_x(3, 4), None, _x(5), None, 1e-5, False),
+    (lambda: torch.ops.pyeff.norm_forward.cpu(_x(3, 4), None, _x(5), None, 1e-5, False),
      r"expected weight of shape \[4\]"),
-    (lambda: torch.ops.pyeff.norm_forward_cpu(_x(3, 4), None, _x(4, dtype=torch.float64), None, 1e-5, False),
+    (lambda: torch.ops.pyeff.norm_forward.cpu(_x(3, 4), None, _x(4, dtype=torch.float64), None, 1e-5, False),
      r"expected weight to be Float like the input, got Double"),
-    (lambda: torch.ops.pyeff.norm_forward_cpu(_x(3, 4, dtype=torch.bfloat16), None, _x(4), _x(4, dtype=torch.bfloat16),
+    (lambda: torch.ops.pyeff.norm_forward.cpu(_x(3, 4, dtype=torch.bfloat16), None, _x(4), _x(4, dtype=torch.bfloat16),
                                               1e-5, False), r"expected weight and bias of one dtype"),
-    (lambda: torch.ops.pyeff.norm_forward_cpu(_x(3, 4), None, None, _x(4), 1e-5, True), r"`rms=True` takes no `bias`"),
-    (lambda: torch.ops.pyeff.norm_backward_cpu(_x(3, 4), None, _x(3, 4), None, _x(3), _x(2), False, False, False),
+    (lambda: torch.ops.pyeff.norm_forward.cpu(_x(3, 4), None, None, _x(4), 1e-5, True), r"`rms=True` takes no `bias`"),
+    (lambda: torch.ops.pyeff.norm_backward.cpu(_x(3, 4), None, _x(3, 4), None, _x(3), _x(2), False, False, False),
      r"expected rstd to be a contiguous Float CPU tensor of shape \[3\]"),
-    (lambda: torch.ops.pyeff.norm_backward_cpu(_x(3, 4), None, _x(3, 4), None, _x(3), _x(3), False, True, False),
+    (lambda: torch.ops.pyeff.norm_backward.cpu(_x(3, 4), None, _x(3, 4), None, _x(3), _x(3), False, True, False),
      r"`weight_grad=True` needs the `weight`"),
-    (lambda: torch.ops.pyeff.norm_backward_cpu(_x(3, 5), None, _x(3, 4), None, _x(3), _x(3), False, False, False),
+    (lambda: torch.ops.pyeff.norm_backward.cpu(_x(3, 5), None, _x(3, 4), None, _x(3), _x(3), False, False, False),
      r"expected dy of shape \[3, 4\]"),
 ]
 
@@ -407,10 +407,10 @@ def test_custom_ops_pass_opcheck(backend):
     # Schema, fake implementation and tracing of the registered ops (what torch.compile relies on).
     x, r, w, b = make_case(5, 7, torch.float32, torch.float32, False, True, True, True)
     y, h, mean, rstd = ops.norm_forward(x, r, w, b, 1e-5, False, backend="reference")
-    torch.library.opcheck(ops._norm_forward_op, (x, r, w, b, 1e-5, False, backend))
-    torch.library.opcheck(ops._norm_forward_op, (x, None, w, None, 1e-5, True, backend))
-    torch.library.opcheck(ops._norm_backward_op, (torch.randn_like(x), torch.randn_like(x), h, w, mean, rstd, False,
-                                                  True, True, backend))
+    torch.library.opcheck(ops.NORM_FORWARD.overload(backend), (x, r, w, b, 1e-5, False))
+    torch.library.opcheck(ops.NORM_FORWARD.overload(backend), (x, None, w, None, 1e-5, True))
+    torch.library.opcheck(ops.NORM_BACKWARD.overload(backend), (torch.randn_like(x), torch.randn_like(x), h, w, mean,
+                                                                rstd, False, True, True))
 
 
 @pytest.mark.gpu

@@ -121,3 +121,14 @@ torch.save(out, sys.argv[1])
     for i in range(0, len(got), 2):
         torch.testing.assert_close(got[i], want[i], rtol=1e-6, atol=0)
         assert torch.equal(got[i + 1], want[i + 1])
+
+
+@pytest.mark.parametrize("make, message", BAD + [
+    (lambda: (lambda buf: (buf[:5], buf[5:]))(torch.randn(10)), "share storage"),
+])
+def test_the_compiled_overload_checks_its_inputs_too(make, message):
+    src, dst = make()
+    before = dst.clone()
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.pyeff.scale_grad_stats.cpu(src, dst, 2.0, torch.empty(2))
+    assert torch.equal(dst, before)

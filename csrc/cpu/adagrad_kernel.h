@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "adagrad_math.h"
 #include "cpu/isa.h"
 #include "cpu/low_precision.h"
 
@@ -23,7 +24,7 @@ struct AdagradTensor {
   void* sum;
   float* master;           // MASTER only
   void* compensation;      // KAHAN only
-  double clr;              // lr / (1 + (step - 1) * lr_decay)
+  double step;             // the step count after this step's increment
   const int64_t* row_offsets = nullptr;  // sparse only: nnz offsets into param (NOTE [sparse Adagrad rows])
   int64_t row_numel = 0;                 // sparse only
 };
@@ -36,9 +37,8 @@ struct AdagradArgs {
   c10::ScalarType dtype;       // parameter dtype
   c10::ScalarType grad_dtype;  // = dtype, or any of fp32/bf16/fp16 for fp32/bf16/fp16 parameters
   PrecisionMode mode;
-  double eps, weight_decay;
-  bool maximize;
-  bool has_grad_mult;
+  AdagradHyper hyper;
+  double lr;
   double grad_mult;  // gradients are multiplied by this first (inverse loss scale x clip coefficient)
 };
 

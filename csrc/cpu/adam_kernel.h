@@ -1,11 +1,12 @@
 #pragma once
-// The CPU Adam/AdamW kernel's arguments: raw pointers and per-tensor coefficients prepared and
-// checked by csrc/adam.cpp. All tensors of one call share the parameter dtype and the mode.
+// The CPU Adam/AdamW kernel's arguments: raw pointers and per-tensor step counts prepared and checked
+// by csrc/adam.cpp. All tensors of one call share the parameter dtype and the mode.
 #include <c10/core/ScalarType.h>
 
 #include <cstdint>
 #include <vector>
 
+#include "adam_math.h"
 #include "cpu/isa.h"
 #include "cpu/low_precision.h"
 
@@ -19,8 +20,7 @@ struct AdamTensor {
   void* max_exp_avg_sq;  // amsgrad only
   float* master;         // MASTER only
   void* compensation;    // KAHAN only (NOTE [low-precision parameter modes], cpu/low_precision.h)
-  double step_size;      // lr / (1 - beta1^step)
-  double bias_correction2_sqrt;
+  double step;           // the step count after this step's increment
 };
 
 struct AdamArgs {
@@ -29,9 +29,8 @@ struct AdamArgs {
   c10::ScalarType dtype;         // parameter dtype
   c10::ScalarType grad_dtype;    // = dtype, or any of fp32/bf16/fp16 for fp32/bf16/fp16 parameters
   PrecisionMode mode;
-  double lr, beta1, beta2, eps, weight_decay;
-  bool amsgrad, maximize, decoupled_weight_decay;
-  bool has_grad_mult;
+  AdamHyper hyper;
+  double lr;
   double grad_mult;  // gradients are multiplied by this first (inverse loss scale x clip coefficient)
 };
 

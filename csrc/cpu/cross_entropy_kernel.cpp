@@ -48,7 +48,7 @@ inline void keep_first(int64_t valid, Vectorized<Acc>& a, Vectorized<Acc>& b) {
 
 template <typename Acc>
 inline Acc reduce_max(const Vectorized<Acc>& v) {
-  return at::vec::vec_reduce_all<Acc>([](Vectorized<Acc>& p, Vectorized<Acc>& q) { return vmaximum(p, q); }, v);
+  return at::vec::vec_reduce_all<Acc>([](Vectorized<Acc>& p, Vectorized<Acc>& q) { return at::vec::maximum(p, q); }, v);
 }
 
 template <typename Acc>
@@ -96,10 +96,10 @@ void cross_entropy_rows(const CrossEntropyArgs& a, int64_t r0, int64_t r1) {
     for (int64_t c = 0; c < n; c += kBlock) {
       V xa, xb;
       load_block<T, Acc>(x, c, n, ninf, xa, xb);
-      m0 = vmaximum(m0, xa);
-      m1 = vmaximum(m1, xb);
+      m0 = at::vec::maximum(m0, xa);
+      m1 = at::vec::maximum(m1, xb);
     }
-    const Acc m = reduce_max(vmaximum(m0, m1));
+    const Acc m = reduce_max(at::vec::maximum(m0, m1));
 
     // ---- pass 2: s = exp(x - m).sum(); z = (w * (x - m)).sum() for label smoothing
     const V mv(m);

@@ -3,6 +3,8 @@
 // the optimizer kernels compute the update on opmath values and leave the storing to this.
 #include "cpu/low_precision.h"
 #include "cpu/vec_utils.h"
+#include "low_precision_math.h"
+#include "optimizer_types.h"
 
 #include <c10/core/ScalarType.h>
 
@@ -34,16 +36,9 @@ struct ParamIo {
       Io<float>::store(master + i, p[0], p[1]);
       Io<P>::store(param + i, p[0], p[1]);
     } else if constexpr (MODE == PrecisionMode::KAHAN) {
-      // y = update + carried error; the stored parameter is round(old + y); the new error is what
-      // that rounding lost: y - (round(old + y) - old).
-      V c[2], y[2], r[2];
+      V c[2], r[2];
       Io<P>::load(compensation + i, c[0], c[1]);
-      for (int k = 0; k < 2; ++k) {
-        y[k] = (p[k] - old[k]) + c[k];
-        r[k] = old[k] + y[k];
-      }
-      Io<P>::round(r[0], r[1]);
-      for (int k = 0; k < 2; ++k) c[k] = y[k] - (r[k] - old[k]);
+      for (int k = 0; k < 2; ++k) compensated_store(old[k], p[k], c[k], r[k], &Io<P>::round_vec);
       Io<P>::store(param + i, r[0], r[1]);
       Io<P>::store(compensation + i, c[0], c[1]);
     } else {
@@ -65,10 +60,10 @@ struct ParamIo {
       Io<float>::store1(master + i, p);
       Io<P>::store1(param + i, p);
     } else if constexpr (MODE == PrecisionMode::KAHAN) {
-      const Acc y = (p - old) + Io<P>::load1(compensation + i);
-      const Acc r = Io<P>::round1(old + y);
+      Acc c = Io<P>::load1(compensation + i), r;
+      compensated_store(old, p, c, r, &Io<P>::round1);
       Io<P>::store1(param + i, r);
-      Io<P>::store1(compensation + i, y - (r - old));
+      Io<P>::store1(compensation + i, c);
     } else {
       Io<P>::store1(param + i, p);
     }
@@ -79,22 +74,5 @@ struct ParamIo {
             MODE == PrecisionMode::KAHAN ? compensation + at : nullptr};
   }
 };
-
-template <typename T> struct TypeTag { using type = T; };
-
-// fp32/bf16/fp16 parameters take fp32/bf16/fp16 gradients; fp64 parameters fp64 ones. Calls
-// f(TypeTag<G>{}) with the gradients' storage type G.
-template <typename P, typename F>
-void with_grad_type(c10::ScalarType grad_dtype, const F& f) {
-  if constexpr (std::is_same_v<P, double>) {
-    f(TypeTag<double>{});
-  } else {
-    switch (grad_dtype) {
-      case c10::ScalarType::BFloat16: return f(TypeTag<c10::BFloat16>{});
-      case c10::ScalarType::Half: return f(TypeTag<c10::Half>{});
-      default: return f(TypeTag<float>{});
-    }
-  }
-}
 
 }  // namespace pyeff::cpu::CPU_CAPABILITY

@@ -17,6 +17,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "math_ops.h"
+
 namespace pyeff::cpu::CPU_CAPABILITY {
 
 using at::vec::Vectorized;
@@ -43,6 +45,7 @@ template <typename T> struct Io {
   }
   // Round through T and back (identity for fp32/fp64).
   static void round(Vectorized<Acc>& a, Vectorized<Acc>& b) {}
+  static Vectorized<Acc> round_vec(Vectorized<Acc> a) { return a; }
   static Acc load1(const T* p) { return *p; }
   static void store1(T* p, Acc x) { *p = x; }
   static Acc round1(Acc x) { return x; }
@@ -59,6 +62,9 @@ template <typename T> struct Io16 {  // BFloat16, Half: round to nearest even on
   static void round(Vectorized<float>& a, Vectorized<float>& b) {
     std::tie(a, b) = at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(a, b));
   }
+  static Vectorized<float> round_vec(Vectorized<float> a) {
+    return std::get<0>(at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(a, a)));
+  }
   static float load1(const T* p) { return static_cast<float>(*p); }
   static void store1(T* p, float x) { *p = static_cast<T>(x); }
   static float round1(float x) { return static_cast<float>(static_cast<T>(x)); }
@@ -66,18 +72,22 @@ template <typename T> struct Io16 {  // BFloat16, Half: round to nearest even on
 template <> struct Io<c10::BFloat16> : Io16<c10::BFloat16> {};
 template <> struct Io<c10::Half> : Io16<c10::Half> {};
 
-// Scalar and vector spellings of the few non-operator functions, so that one templated math
-// function serves the vector body and the scalar tail with the same operations in the same order.
-template <typename T> inline Vectorized<T> vsqrt(const Vectorized<T>& x) { return x.sqrt(); }
-inline float vsqrt(float x) { return std::sqrt(x); }
-inline double vsqrt(double x) { return std::sqrt(x); }
-// torch.maximum: NaN if either input is NaN.
-template <typename T> inline Vectorized<T> vmaximum(const Vectorized<T>& a, const Vectorized<T>& b) {
-  return at::vec::maximum(a, b);
-}
-template <typename T> inline T vmaximum(T a, T b) {
-  return (a != a) ? a : ((b != b) ? b : std::max(a, b));
-}
+}  // namespace pyeff::cpu::CPU_CAPABILITY
+
+namespace pyeff {
+
+// The vector spellings of csrc/math_ops.h (at::vec's Vectorized is a distinct type per ISA).
+template <typename T>
+struct MathOps<at::vec::Vectorized<T>> {
+  using V = at::vec::Vectorized<T>;
+  static V sqrt(const V& x) { return x.sqrt(); }
+  static V neg(const V& x) { return x.neg(); }
+  static V maximum(const V& a, const V& b) { return at::vec::maximum(a, b); }  // NaN-propagating
+};
+
+}  // namespace pyeff
+
+namespace pyeff::cpu::CPU_CAPABILITY {
 
 // Parallel over the concatenation of several tensors: one parallel region, even contiguous ranges
 // per thread, each range cut at tensor boundaries. `offsets` holds n+1 prefix sums of numels.

@@ -42,7 +42,7 @@ class GradScaler(torch.amp.GradScaler):
         finally:
             del optimizer.grad_scale
             del optimizer.found_inf
-        skipped = optimizer.last_step_skipped
-        state["found_inf_per_device"] = {skipped.device: skipped.to(torch.float32)}
+        found_inf = optimizer._found_inf()
+        state["found_inf_per_device"] = {found_inf.device: found_inf}
         state["stage"] = OptState.STEPPED
         return retval

@@ -101,3 +101,26 @@ def make_dense(lists: TensorLists, mutated: Sequence[str], key: str = "params"):
 def on_device(t: Tensor | None, device: torch.device) -> Tensor | None:
     """A one-element control tensor (scale, flag) on the device of the bucket that reads it."""
     return t if t is None or t.device == device else t.to(device, non_blocking=True)
+
+
+def learning_rate(lr: float | Tensor, device: torch.device) -> tuple[float, Tensor | None]:
+    """The (lr, lr_tensor) arguments of an optimizer op for a bucket on `device`: a tensor on that
+    device is read by the kernel (no host sync; it can change between replays of a CUDA graph), a
+    CPU tensor for another device is read here, as torch.optim does (no sync either)."""
+    if not isinstance(lr, Tensor):
+        return float(lr), None
+    if lr.device == device:
+        return 0.0, lr
+    if lr.device.type == "cpu":
+        return lr.item(), None
+    return 0.0, lr.to(device, non_blocking=True)
+
+
+def present_or_empty(tensors: list[Tensor | None], name: str) -> list[Tensor]:
+    """An optional per-parameter list of one bucket (master weights, compensation buffers): all
+    present, or none (an empty list)."""
+    if not tensors or all(t is None for t in tensors):
+        return []
+    if any(t is None for t in tensors):
+        raise ValueError(f"`{name}` must hold a tensor for every parameter of a dtype, or for none")
+    return tensors

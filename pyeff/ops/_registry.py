@@ -1,16 +1,29 @@
-"""Backend selection: the one place that decides which implementation of an op runs.
+"""The op registry: one schema per op, one implementation per backend, the backend choice in one place.
 
-Each op (pyeff/ops/<op>.py) registers one implementation per backend, all with the reference's
-signature. A backend requested explicitly (the `backend=` argument, else the PYEFF_BACKEND
-environment variable) must exist and be usable for the tensors' device, or the call raises. The
-automatic choice takes the fastest usable one for the device and falls back quietly.
+NOTE [one way to reach a kernel]
+An op is declared once, by its plain-PyTorch reference (``@Op.reference``): the reference's
+annotated signature *is* the op's schema (torch.library.infer_schema, with the op's mutated
+arguments). Every backend is an overload of one torch.library op with that schema,
+``torch.ops.pyeff.<op>.<backend>``:
+
+- ``reference`` and ``triton`` are Python functions registered here (``@OP.impl("triton")``);
+- ``cpu`` and ``cuda`` are the compiled kernels, registered from C++ against the same overloads
+  (``TORCH_LIBRARY_IMPL(pyeff, CPU, m) { m.impl("<op>.cpu", ...); }`` in csrc/<op>.cpp, and the
+  CUDA key in csrc/cuda/<op>.cu), or a Python function that calls a compiled helper.
+
+An op's public function (pyeff/ops/<op>.py) checks and buckets its inputs, asks :meth:`Op.choose`
+for the backend and calls that overload, eagerly and under torch.compile alike (each overload has
+the op's fake implementation). A backend requested explicitly (``backend=``, else PYEFF_BACKEND)
+must exist and be usable for the tensors' device, or the call raises; the automatic choice takes
+the first usable one in the device's preference order and falls back quietly. Tensors on a device
+no backend serves (meta, mps, xpu, ...) get the reference.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -18,9 +31,16 @@ from .. import _ext
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 
-# Automatic preference per device type. Triton runs on the CPU only through its interpreter, which
-# is for tests: it is used there only when asked for.
-_PREFERENCE = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+# Automatic preference per device type. On CUDA the C++ kernels come first: the GPU benchmark
+# (benchmarks/optim_gpu.py) measures both, and README.md says which is faster and why. Triton runs
+# on the CPU only through its interpreter, which is for tests: it is used there only when asked for.
+PREFERENCE = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+
+# The dispatch keys at which the compiled backends register their kernels.
+_COMPILED_KEYS = {"cpu": ("CPU", "SparseCPU"), "cuda": ("CUDA", "SparseCUDA")}
+
+_LIB = torch.library.Library("pyeff", "FRAGMENT")
+_OPS: dict[str, "Op"] = {}
 
 
 @functools.cache
@@ -36,18 +56,12 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-_NOT_PROBED = object()
-_interpreter_problem = _NOT_PROBED
-
-
+@functools.cache
 def interpreter_problem() -> str | None:
     """Why Triton's interpreter cannot run pyeff's kernels here, or None (probed once)."""
-    global _interpreter_problem
-    if _interpreter_problem is _NOT_PROBED:
-        from pyeff.kernels._probe import interpreter_problem as probe
+    from pyeff.kernels._probe import interpreter_problem as probe
 
-        _interpreter_problem = probe()
-    return _interpreter_problem
+    return probe()
 
 
 def backend_usable(backend: str, device: torch.device) -> str | None:
@@ -73,47 +87,103 @@ def backend_usable(backend: str, device: torch.device) -> str | None:
     return f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}"
 
 
+def _no_outputs(*args, **kwargs) -> None:
+    return None
+
+
+def _meta_refused(name: str, backend: str, *args, **kwargs):
+    raise RuntimeError(f"pyeff.ops.{name}: the {backend} backend got a tensor on the meta device; it runs on "
+                       f"{backend.upper()} tensors only (Meta tensors get the reference backend)")
+
+
 class Op:
-    """One op's implementations by backend."""
+    """One op: its schema (from its reference), its fake implementation and its backends."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, *, mutates_args: Sequence[str] = ()):
+        _OPS[name] = self
         self.name = name
-        self.impls: dict[str, Callable] = {}
+        self.mutates_args = tuple(mutates_args)
+        self.python_impls: dict[str, Callable] = {}  # backend -> function, for the Python backends
+        self.packet = None  # torch.ops.pyeff.<name>, once defined
 
-    def register(self, backend: str) -> Callable[[Callable], Callable]:
+    # -- declaration
+    def reference(self, fn: Callable) -> Callable:
+        """Declare the op from its reference implementation: schema, overloads, reference backend."""
+        schema = torch.library.infer_schema(fn, mutates_args=self.mutates_args)
+        for backend in BACKENDS:
+            _LIB.define(f"{self.name}.{backend}{schema}")
+        self.packet = getattr(torch.ops.pyeff, self.name)
+        self.fake(_no_outputs)
+        return self.impl("reference")(fn)
+
+    def fake(self, fn: Callable) -> Callable:
+        """The op's output shapes, for torch.compile (the same for every backend). register_fake also
+        makes it the Meta kernel: right for the reference (meta tensors get the reference, which
+        does nothing there), wrong for a compiled backend given a meta tensor among its own device's
+        tensors, which must raise as the kernels do for any other foreign device."""
+        for backend in BACKENDS:
+            torch.library.register_fake(f"pyeff::{self.name}.{backend}", fn, lib=_LIB, allow_override=True)
+            if backend in _COMPILED_KEYS:
+                _LIB.impl(f"{self.name}.{backend}", functools.partial(_meta_refused, self.name, backend), "Meta",
+                          allow_override=True)
+        return fn
+
+    def impl(self, backend: str) -> Callable[[Callable], Callable]:
+        """Register a Python implementation of `backend` (the reference's signature)."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
 
         def deco(fn: Callable) -> Callable:
-            self.impls[backend] = fn
+            _LIB.impl(f"{self.name}.{backend}", fn, "CompositeExplicitAutograd")
+            self.python_impls[backend] = fn
             return fn
 
         return deco
 
+    # -- queries
+    def has(self, backend: str) -> bool:
+        """Whether this op has an implementation for `backend` (compiled ones: in the loaded pyeff._C)."""
+        if backend in self.python_impls:
+            return True
+        keys = _COMPILED_KEYS.get(backend, ())
+        return bool(keys) and _ext.available() and any(
+            torch._C._dispatch_has_kernel_for_dispatch_key(f"pyeff::{self.name}.{backend}", k) for k in keys)
+
+    def backends(self) -> list[str]:
+        return [b for b in BACKENDS if self.has(b)]
+
+    def overload(self, backend: str):
+        """torch.ops.pyeff.<op>.<backend>."""
+        return getattr(self.packet, backend)
+
     def choose(self, device: torch.device, backend: str | None = None) -> str:
-        """The backend that will run this op on `device`."""
-        requested = backend or os.environ.get("PYEFF_BACKEND") or None
-        if requested is not None:
-            if requested not in self.impls:
-                have = ", ".join(sorted(self.impls))
-                raise RuntimeError(f"pyeff.ops.{self.name}: backend `{requested}` is not implemented for this op "
-                                   f"(it has: {have}); pass another `backend=` or unset PYEFF_BACKEND")
-            why = backend_usable(requested, device)
-            if why is not None:
-                raise RuntimeError(f"pyeff.ops.{self.name}: backend `{requested}` cannot run here: {why}")
-            return requested
-        for candidate in _PREFERENCE.get(device.type, ("reference",)):
-            if candidate in self.impls and backend_usable(candidate, device) is None:
-                return candidate
-        return "reference"
+        """The backend that will run this op on `device` (`backend`, else PYEFF_BACKEND, else automatic)."""
+        return _choose(self.name, device.type, backend)
 
-    def __call__(self, backend: str, *args, **kwargs):
-        return self.impls[backend](*args, **kwargs)
+    def __call__(self, backend: str, *args):
+        """Run `backend` (see choose()) on positional arguments in the schema's order."""
+        return getattr(self.packet, backend)(*args)
 
-    def run(self, custom_op: Callable, backend: str, *args):
-        """Run the chosen backend. Eager calls go straight to it (the C++ kernels keep autograd's
-        version counters themselves); under torch.compile the registered custom op, with its fake
-        implementation, is what gets traced."""
-        if torch.compiler.is_compiling():
-            return custom_op(*args, backend)
-        return self.impls[backend](*args)
+
+# Under torch.compile the choice is made once, while tracing, and the chosen overload is traced.
+@torch.compiler.assume_constant_result
+def _choose(name: str, device_type: str, backend: str | None) -> str:
+    op = _OPS[name]
+    requested = backend or os.environ.get("PYEFF_BACKEND") or None
+    device = torch.device(device_type)
+    if requested is not None:
+        if requested not in BACKENDS:
+            raise RuntimeError(f"pyeff.ops.{op.name}: unknown backend `{requested}`; expected one of "
+                               f"{', '.join(BACKENDS)}")
+        why = backend_usable(requested, device)
+        if why is not None:
+            raise RuntimeError(f"pyeff.ops.{op.name}: backend `{requested}` cannot run here: {why}")
+        if not op.has(requested):
+            have = ", ".join(op.backends())
+            raise RuntimeError(f"pyeff.ops.{op.name}: backend `{requested}` is not implemented for this op "
+                               f"(it has: {have}); pass another `backend=` or unset PYEFF_BACKEND")
+        return requested
+    for candidate in PREFERENCE.get(device_type, ("reference",)):
+        if op.has(candidate) and backend_usable(candidate, device) is None:
+            return candidate
+    return "reference"

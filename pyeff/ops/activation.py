@@ -62,7 +62,7 @@ def check_approximate(approximate: str) -> None:
         raise ValueError(f"Invalid approximate: {approximate!r}; expected 'none' or 'tanh'")
 
 
-@BIAS_GELU_FORWARD.register("reference")
+@BIAS_GELU_FORWARD.reference
 def bias_gelu_forward_reference(x: Tensor, bias: Tensor | None, approximate: str) -> Tensor:
     check_approximate(approximate)
     h = x.to(_acc(x.dtype))
@@ -71,7 +71,7 @@ def bias_gelu_forward_reference(x: Tensor, bias: Tensor | None, approximate: str
     return _gelu_and_derivative(h, approximate)[0].to(x.dtype)
 
 
-@BIAS_GELU_BACKWARD.register("reference")
+@BIAS_GELU_BACKWARD.reference
 def bias_gelu_backward_reference(dy: Tensor, x: Tensor, bias: Tensor | None, approximate: str,
                                  bias_grad: bool) -> tuple[Tensor, Tensor]:
     check_approximate(approximate)
@@ -95,7 +95,7 @@ def _split(gate: Tensor, up: Tensor | None) -> tuple[Tensor, Tensor]:
     return gate.chunk(2, dim=1)
 
 
-@SWIGLU_FORWARD.register("reference")
+@SWIGLU_FORWARD.reference
 def swiglu_forward_reference(gate: Tensor, up: Tensor | None) -> Tensor:
     g, u = _split(gate, up)
     acc = _acc(g.dtype)
@@ -103,7 +103,7 @@ def swiglu_forward_reference(gate: Tensor, up: Tensor | None) -> Tensor:
     return (g * torch.sigmoid(g) * u.to(acc)).to(gate.dtype)
 
 
-@SWIGLU_BACKWARD.register("reference")
+@SWIGLU_BACKWARD.reference
 def swiglu_backward_reference(dy: Tensor, gate: Tensor, up: Tensor | None) -> Tensor:
     g, u = _split(gate, up)
     acc = _acc(g.dtype)
@@ -114,116 +114,73 @@ def swiglu_backward_reference(dy: Tensor, gate: Tensor, up: Tensor | None) -> Te
     return torch.cat([dgate, dup], dim=1).to(gate.dtype)
 
 
-@BIAS_GELU_FORWARD.register("cpu")
-def bias_gelu_forward_cpu(x, bias, approximate):
-    return torch.ops.pyeff.bias_gelu_forward_cpu(x, bias, approximate)
-
-
-@BIAS_GELU_BACKWARD.register("cpu")
-def bias_gelu_backward_cpu(dy, x, bias, approximate, bias_grad):
-    return torch.ops.pyeff.bias_gelu_backward_cpu(dy, x, bias, approximate, bias_grad)
-
-
-@SWIGLU_FORWARD.register("cpu")
-def swiglu_forward_cpu(gate, up):
-    return torch.ops.pyeff.swiglu_forward_cpu(gate, up)
-
-
-@SWIGLU_BACKWARD.register("cpu")
-def swiglu_backward_cpu(dy, gate, up):
-    return torch.ops.pyeff.swiglu_backward_cpu(dy, gate, up)
-
-
-@BIAS_GELU_FORWARD.register("triton")
+@BIAS_GELU_FORWARD.impl("triton")
 def bias_gelu_forward_triton(x, bias, approximate):
     from pyeff.kernels import activation
 
     return activation.bias_gelu_forward(x, bias, approximate)
 
 
-@BIAS_GELU_BACKWARD.register("triton")
+@BIAS_GELU_BACKWARD.impl("triton")
 def bias_gelu_backward_triton(dy, x, bias, approximate, bias_grad):
     from pyeff.kernels import activation
 
     return activation.bias_gelu_backward(dy, x, bias, approximate, bias_grad)
 
 
-@SWIGLU_FORWARD.register("triton")
+@SWIGLU_FORWARD.impl("triton")
 def swiglu_forward_triton(gate, up):
     from pyeff.kernels import activation
 
     return activation.swiglu_forward(gate, up)
 
 
-@SWIGLU_BACKWARD.register("triton")
+@SWIGLU_BACKWARD.impl("triton")
 def swiglu_backward_triton(dy, gate, up):
     from pyeff.kernels import activation
 
     return activation.swiglu_backward(dy, gate, up)
 
 
-@torch.library.custom_op("pyeff::bias_gelu_forward", mutates_args=())
-def _bias_gelu_forward_op(x: Tensor, bias: Tensor | None, approximate: str, backend: str) -> Tensor:
-    return BIAS_GELU_FORWARD(backend, x, bias, approximate)
-
-
-@_bias_gelu_forward_op.register_fake
-def _(x, bias, approximate, backend):
+@BIAS_GELU_FORWARD.fake
+def _(x, bias, approximate):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("pyeff::bias_gelu_backward", mutates_args=())
-def _bias_gelu_backward_op(dy: Tensor, x: Tensor, bias: Tensor | None, approximate: str, bias_grad: bool,
-                           backend: str) -> tuple[Tensor, Tensor]:
-    return BIAS_GELU_BACKWARD(backend, dy, x, bias, approximate, bias_grad)
-
-
-@_bias_gelu_backward_op.register_fake
-def _(dy, x, bias, approximate, bias_grad, backend):
+@BIAS_GELU_BACKWARD.fake
+def _(dy, x, bias, approximate, bias_grad):
     bias_dtype = bias.dtype if bias is not None else x.dtype
     return torch.empty_like(x), x.new_empty(x.shape[1] if bias_grad else 0, dtype=bias_dtype)
 
 
-@torch.library.custom_op("pyeff::swiglu_forward", mutates_args=())
-def _swiglu_forward_op(gate: Tensor, up: Tensor | None, backend: str) -> Tensor:
-    return SWIGLU_FORWARD(backend, gate, up)
-
-
-@_swiglu_forward_op.register_fake
-def _(gate, up, backend):
+@SWIGLU_FORWARD.fake
+def _(gate, up):
     n = gate.shape[1] if up is not None else gate.shape[1] // 2
     return gate.new_empty(gate.shape[0], n)
 
 
-@torch.library.custom_op("pyeff::swiglu_backward", mutates_args=())
-def _swiglu_backward_op(dy: Tensor, gate: Tensor, up: Tensor | None, backend: str) -> Tensor:
-    return SWIGLU_BACKWARD(backend, dy, gate, up)
-
-
-@_swiglu_backward_op.register_fake
-def _(dy, gate, up, backend):
+@SWIGLU_BACKWARD.fake
+def _(dy, gate, up):
     return gate.new_empty(dy.shape[0], 2 * dy.shape[1])
 
 
 def bias_gelu_forward(x: Tensor, bias: Tensor | None, approximate: str = "none", *,
                       backend: str | None = None) -> Tensor:
     """gelu(x + bias) over the rows of 2-D ``x``. See the module docstring."""
-    return BIAS_GELU_FORWARD.run(_bias_gelu_forward_op, BIAS_GELU_FORWARD.choose(x.device, backend), x, bias,
-                                 approximate)
+    return BIAS_GELU_FORWARD(BIAS_GELU_FORWARD.choose(x.device, backend), x, bias, approximate)
 
 
 def bias_gelu_backward(dy: Tensor, x: Tensor, bias: Tensor | None, approximate: str = "none",
                        bias_grad: bool = True, *, backend: str | None = None) -> tuple[Tensor, Tensor]:
     """``(dx, dbias)`` of :func:`bias_gelu_forward`. See the module docstring."""
-    return BIAS_GELU_BACKWARD.run(_bias_gelu_backward_op, BIAS_GELU_BACKWARD.choose(x.device, backend), dy, x,
-                                  bias, approximate, bias_grad)
+    return BIAS_GELU_BACKWARD(BIAS_GELU_BACKWARD.choose(x.device, backend), dy, x, bias, approximate, bias_grad)
 
 
 def swiglu_forward(gate: Tensor, up: Tensor | None, *, backend: str | None = None) -> Tensor:
     """silu(gate) * up over 2-D arrays (``up`` None: both packed in ``gate``). See the module docstring."""
-    return SWIGLU_FORWARD.run(_swiglu_forward_op, SWIGLU_FORWARD.choose(gate.device, backend), gate, up)
+    return SWIGLU_FORWARD(SWIGLU_FORWARD.choose(gate.device, backend), gate, up)
 
 
 def swiglu_backward(dy: Tensor, gate: Tensor, up: Tensor | None, *, backend: str | None = None) -> Tensor:
     """``[dgate | dup]`` of :func:`swiglu_forward`, packed as (rows, 2n). See the module docstring."""
-    return SWIGLU_BACKWARD.run(_swiglu_backward_op, SWIGLU_BACKWARD.choose(gate.device, backend), dy, gate, up)
+    return SWIGLU_BACKWARD(SWIGLU_BACKWARD.choose(gate.device, backend), dy, gate, up)

@@ -20,43 +20,58 @@ low-precision state; weight decay is not defined for sparse gradients and raises
 multiplies the coalesced values. A non-zero `found_inf` skips the step entirely (NOTE [overflow
 skip] in csrc/checks.h). `master_params` / `compensations` select the low-precision modes of
 NOTE [low-precision parameter modes] (csrc/cpu/low_precision.h); with master weights `state_sums`
-are fp32.
+are fp32. :math:`\gamma` is `lr`, or the value of the one-element `lr_tensor` when given (read on
+the device).
 """
 
 from __future__ import annotations
 
-from typing import List  # custom_op signatures: torch < 2.7 cannot read list[Tensor]
+from typing import List  # schemas: torch < 2.7 cannot read list[Tensor]
 
 import torch
 from torch import Tensor
 
 from ._low_precision import store_param
-from ._multi_tensor import group_by_device_and_dtype, make_dense, on_device
+from ._multi_tensor import group_by_device_and_dtype, learning_rate, make_dense, on_device, present_or_empty
 from ._registry import Op
 
-ADAGRAD = Op("adagrad_step")
-
 _MUTATED = ("params", "state_sums", "state_steps", "master_params", "compensations")
-_SPARSE_WEIGHT_DECAY = "weight_decay option is not compatible with sparse gradients"
+ADAGRAD = Op("adagrad_step", mutates_args=_MUTATED)
+SPARSE_WEIGHT_DECAY = "weight_decay option is not compatible with sparse gradients"
 
 
-@ADAGRAD.register("reference")
-def adagrad_step_reference(
-    params: list[Tensor], grads: list[Tensor], state_sums: list[Tensor], state_steps: list[Tensor],
-    master_params: list[Tensor], compensations: list[Tensor], lr: float, lr_decay: float, weight_decay: float,
-    eps: float, maximize: bool, grad_mult: Tensor | None, found_inf: Tensor | None,
-) -> None:
-    for i, g in enumerate(grads):
-        if not g.is_sparse:
-            continue
-        if weight_decay != 0:
-            raise RuntimeError(f"adagrad_step: {_SPARSE_WEIGHT_DECAY}")
-        # Before coalescing: torch builds sparse tensors without checking their indices.
-        sizes = torch.tensor(g.shape[:g.sparse_dim()], dtype=torch.int64, device=g.device).unsqueeze(1)
-        if ((g._indices() < 0) | (g._indices() >= sizes)).any():
-            raise RuntimeError(f"adagrad_step: grads[{i}] has an index outside its parameter's shape {tuple(g.shape)}")
-    if found_inf is not None and found_inf.item() != 0:
+def check_sparse_indices(grad: Tensor, where: str) -> None:
+    """Indices inside the parameter's shape (torch builds sparse tensors without checking them, and
+    coalescing an index outside the shape is undefined). Checked on the CPU only, where it costs no
+    host sync; on CUDA the kernels stop at a bad row with a device-side assert, as torch's indexing
+    kernels do."""
+    idx = grad._indices()
+    if idx.device.type != "cpu" or idx.numel() == 0:
         return
+    sizes = torch.tensor(grad.shape[:grad.sparse_dim()], dtype=idx.dtype).unsqueeze(1)
+    bad = (idx < 0) | (idx >= sizes)
+    if bad.any():
+        d, r = bad.nonzero()[0].tolist()
+        raise RuntimeError(f"{where}: a sparse gradient of shape {tuple(grad.shape)} has index {idx[d, r].item()} "
+                           f"in dimension {d}, outside its parameter's size {grad.shape[d]}")
+
+
+@ADAGRAD.reference
+def adagrad_step_reference(
+    params: List[Tensor], grads: List[Tensor], state_sums: List[Tensor], state_steps: List[Tensor],
+    master_params: List[Tensor], compensations: List[Tensor], lr: float, lr_decay: float, weight_decay: float,
+    eps: float, maximize: bool, grad_mult: Tensor | None = None, found_inf: Tensor | None = None,
+    lr_tensor: Tensor | None = None,
+) -> None:
+    for g in grads:
+        if g.is_sparse:
+            if weight_decay != 0:
+                raise RuntimeError(f"adagrad_step: {SPARSE_WEIGHT_DECAY}")
+            check_sparse_indices(g, "adagrad_step")
+    # Decided on the device, without a sync: a skipped step writes back the old values.
+    skip = None if found_inf is None else found_inf != 0
+    # The learning rate in double, as torch.optim computes from a Python float.
+    lr = lr if lr_tensor is None else lr_tensor.to(torch.float64).reshape(())
     for i, param in enumerate(params):
         acc = torch.float64 if param.dtype == torch.float64 else torch.float32
         grad = grads[i]
@@ -70,7 +85,8 @@ def adagrad_step_reference(
                 return t[rows].to(acc)
 
             def put(t: Tensor, x: Tensor) -> None:
-                t.index_put_(rows, x.to(t.dtype))
+                x = x.to(t.dtype)
+                t.index_put_(rows, x if skip is None else torch.where(skip, t[rows], x))
         else:
             g = grad.to(acc)
 
@@ -78,7 +94,7 @@ def adagrad_step_reference(
                 return t.to(acc, copy=True)
 
             def put(t: Tensor, x: Tensor) -> None:
-                t.copy_(x)
+                t.copy_(x if skip is None else torch.where(skip, t, x))
 
         if grad_mult is not None:
             g = g * grad_mult.to(acc)
@@ -89,42 +105,19 @@ def adagrad_step_reference(
         p = take(master_params[i] if master_params else param)
         if weight_decay != 0:
             g = g + weight_decay * p  # grad.add(param, alpha=weight_decay)
-        step = state_steps[i].item() + 1
-        clr = lr / (1 + (step - 1) * lr_decay)
+        step = state_steps[i].to(torch.float64) + 1
+        neg_clr = (-(lr / (1 + (step - 1) * lr_decay))).to(acc)  # clr in double, rounded once
         s = take(state_sums[i]) + g * g  # state_sum.addcmul_(grad, grad, value=1)
         std = s.sqrt() + eps  # state_sum.sqrt().add_(eps)
         if sparse:
-            p = p + -clr * (g / std)  # param.add_(sparse(grad_values / std_values), alpha=-clr)
+            p = p + neg_clr * (g / std)  # param.add_(sparse(grad_values / std_values), alpha=-clr)
         else:
-            p = p + -clr * g / std  # param.addcdiv_(grad, std, value=-clr)
+            p = p + neg_clr * g / std  # param.addcdiv_(grad, std, value=-clr)
 
         put(state_sums[i], s)
         store_param(take, put, param, p, master=master_params[i] if master_params else None,
                     compensation=compensations[i] if compensations else None)
-        state_steps[i].add_(1)
-
-
-@ADAGRAD.register("cpu")
-def adagrad_step_cpu(params, grads, state_sums, state_steps, master_params, compensations, lr, lr_decay,
-                     weight_decay, eps, maximize, grad_mult, found_inf):
-    torch.ops.pyeff.adagrad_step_cpu(
-        params, grads, state_sums, state_steps, master_params, compensations, lr=lr, lr_decay=lr_decay,
-        weight_decay=weight_decay, eps=eps, maximize=maximize, grad_mult=grad_mult, found_inf=found_inf)
-
-
-@torch.library.custom_op("pyeff::adagrad_step", mutates_args=_MUTATED)
-def _adagrad_step_op(
-    params: List[Tensor], grads: List[Tensor], state_sums: List[Tensor], state_steps: List[Tensor],
-    master_params: List[Tensor], compensations: List[Tensor], lr: float, lr_decay: float, weight_decay: float,
-    eps: float, maximize: bool, grad_mult: Tensor | None, found_inf: Tensor | None, backend: str,
-) -> None:
-    ADAGRAD(backend, params, grads, state_sums, state_steps, master_params, compensations, lr, lr_decay,
-            weight_decay, eps, maximize, grad_mult, found_inf)
-
-
-@_adagrad_step_op.register_fake
-def _(*args, **kwargs) -> None:
-    return None
+        state_steps[i].copy_(state_steps[i] + (1 if skip is None else (~skip).to(state_steps[i].dtype)))
 
 
 def _with_kernel_layouts(bucket: dict[str, list[Tensor]]):
@@ -161,7 +154,8 @@ def _with_kernel_layouts(bucket: dict[str, list[Tensor]]):
 
 def adagrad_step(
     params: list[Tensor], grads: list[Tensor], state_sums: list[Tensor], state_steps: list[Tensor],
-    master_params: list[Tensor] | None = None, compensations: list[Tensor] | None = None, *, lr: float,
+    master_params: list[Tensor | None] | None = None, compensations: list[Tensor | None] | None = None, *,
+    lr: float | Tensor,
     lr_decay: float = 0.0, weight_decay: float = 0.0, eps: float = 1e-10, maximize: bool = False,
     grad_mult: Tensor | None = None, found_inf: Tensor | None = None, backend: str | None = None,
 ) -> None:
@@ -175,9 +169,12 @@ def adagrad_step(
     lists = {"params": params, "grads": grads, "state_sums": state_sums, "state_steps": state_steps,
              "master_params": master_params or [], "compensations": compensations or []}
     for (device, *_), bucket in group_by_device_and_dtype(lists).items():
+        for name in ("master_params", "compensations"):
+            bucket[name] = present_or_empty(bucket[name], name)
         dense, write_back = _with_kernel_layouts(bucket)
         steps = dense.pop("state_steps")
-        ADAGRAD.run(_adagrad_step_op, ADAGRAD.choose(device, backend), dense["params"], dense["grads"],
-                    dense["state_sums"], steps, dense["master_params"], dense["compensations"], lr, lr_decay,
-                    weight_decay, eps, maximize, on_device(grad_mult, device), on_device(found_inf, device))
+        lr_value, lr_tensor = learning_rate(lr, device)
+        ADAGRAD(ADAGRAD.choose(device, backend), dense["params"], dense["grads"], dense["state_sums"], steps,
+                dense["master_params"], dense["compensations"], lr_value, lr_decay, weight_decay, eps, maximize,
+                on_device(grad_mult, device), on_device(found_inf, device), lr_tensor)
         write_back()

@@ -10,44 +10,51 @@ The contract, per parameter i (math in fp32 for bf16/fp16 tensors, fp64 for fp64
     p &\leftarrow p - \frac{\gamma}{1-\beta_1^t}\, \frac{m}{\sqrt{\hat v}/\sqrt{1-\beta_2^t} + \epsilon}
 
 with t the parameter's step count after the increment, in the operation order of
-torch.optim.Adam's single-tensor implementation. A non-zero `found_inf` skips the step entirely
-(NOTE [overflow skip] in csrc/checks.h). `master_params` / `compensations` select the
-low-precision modes of NOTE [low-precision parameter modes] (csrc/cpu/low_precision.h).
+torch.optim.Adam's single-tensor implementation; :math:`\gamma` is `lr`, or the value of the
+one-element `lr_tensor` when given (read by the kernel on the device, never on the host). A non-zero
+`found_inf` skips the step entirely (NOTE [overflow skip] in csrc/checks.h). `master_params` /
+`compensations` select the low-precision modes of NOTE [low-precision parameter modes]
+(csrc/cpu/low_precision.h).
 """
 
 from __future__ import annotations
 
-from typing import List  # custom_op signatures: torch < 2.7 cannot read list[Tensor]
+from typing import List  # schemas: torch < 2.7 cannot read list[Tensor]
 
 import torch
 from torch import Tensor
 
 from ._low_precision import store_param
-from ._multi_tensor import group_by_device_and_dtype, make_dense, on_device
+from ._multi_tensor import group_by_device_and_dtype, learning_rate, make_dense, on_device, present_or_empty
 from ._registry import Op
-
-ADAM = Op("adam_step")
 
 _MUTATED = ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps", "master_params",
             "compensations")
+ADAM = Op("adam_step", mutates_args=_MUTATED)
 
 
-@ADAM.register("reference")
+@ADAM.reference
 def adam_step_reference(
-    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor], state_steps: list[Tensor], master_params: list[Tensor],
-    compensations: list[Tensor], lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-    amsgrad: bool, maximize: bool, decoupled_weight_decay: bool, grad_mult: Tensor | None,
-    found_inf: Tensor | None,
+    params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
+    max_exp_avg_sqs: List[Tensor], state_steps: List[Tensor], master_params: List[Tensor],
+    compensations: List[Tensor], lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+    amsgrad: bool, maximize: bool, decoupled_weight_decay: bool, grad_mult: Tensor | None = None,
+    found_inf: Tensor | None = None, lr_tensor: Tensor | None = None,
 ) -> None:
     # Decided on the device, without a sync: a skipped step writes back the old values.
     skip = None if found_inf is None else found_inf != 0
+    # The learning rate in double, as torch.optim computes from a Python float.
+    lr = lr if lr_tensor is None else lr_tensor.to(torch.float64).reshape(())
 
     def commit(dst: Tensor, new: Tensor) -> None:
         dst.copy_(new if skip is None else torch.where(skip, dst, new))
 
     for i, param in enumerate(params):
         acc = torch.float64 if param.dtype == torch.float64 else torch.float32
+
+        def coef(x):  # a double coefficient rounded once to the math dtype
+            return x.to(acc) if isinstance(x, Tensor) else x
+
         p = (master_params[i] if master_params else param).to(acc, copy=True)
         g = grads[i].to(acc)
         if grad_mult is not None:
@@ -56,7 +63,7 @@ def adam_step_reference(
             g = -g
         if weight_decay != 0:
             if decoupled_weight_decay:
-                p.mul_(1 - lr * weight_decay)
+                p.mul_(coef(1 - lr * weight_decay))
             else:
                 g = g.add(p, alpha=weight_decay)
         m = exp_avgs[i].to(acc, copy=True)
@@ -82,39 +89,10 @@ def adam_step_reference(
         commit(state_steps[i], state_steps[i] + 1)
 
 
-@ADAM.register("cpu")
-def adam_step_cpu(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, master_params,
-                  compensations, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
-                  decoupled_weight_decay, grad_mult, found_inf):
-    torch.ops.pyeff.adam_step_cpu(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, master_params, compensations,
-        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-        maximize=maximize, decoupled_weight_decay=decoupled_weight_decay, grad_mult=grad_mult,
-        found_inf=found_inf)
-
-
-@torch.library.custom_op("pyeff::adam_step", mutates_args=_MUTATED)
-def _adam_step_op(
-    params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
-    max_exp_avg_sqs: List[Tensor], state_steps: List[Tensor], master_params: List[Tensor],
-    compensations: List[Tensor], lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-    amsgrad: bool, maximize: bool, decoupled_weight_decay: bool, grad_mult: Tensor | None,
-    found_inf: Tensor | None, backend: str,
-) -> None:
-    ADAM(backend, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, master_params,
-         compensations, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay,
-         grad_mult, found_inf)
-
-
-@_adam_step_op.register_fake
-def _(*args, **kwargs) -> None:
-    return None
-
-
 def adam_step(
     params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor], state_steps: list[Tensor], master_params: list[Tensor] | None = None,
-    compensations: list[Tensor] | None = None, *, lr: float, beta1: float, beta2: float, eps: float,
+    max_exp_avg_sqs: list[Tensor], state_steps: list[Tensor], master_params: list[Tensor | None] | None = None,
+    compensations: list[Tensor | None] | None = None, *, lr: float | Tensor, beta1: float, beta2: float, eps: float,
     weight_decay: float, amsgrad: bool = False, maximize: bool = False, decoupled_weight_decay: bool = False,
     grad_mult: Tensor | None = None, found_inf: Tensor | None = None, backend: str | None = None,
 ) -> None:
@@ -122,18 +100,22 @@ def adam_step(
 
     Tensors may mix devices and dtypes: each (device, parameter dtype, gradient dtype) bucket is one
     kernel launch (one parallel region on the CPU). Gradients have their parameter's dtype, or for
-    fp32/bf16/fp16 parameters any of fp32/bf16/fp16. `state_steps` are one-element float tensors, incremented unless
-    the step is skipped. See the module docstring for the math.
+    fp32/bf16/fp16 parameters any of fp32/bf16/fp16. `state_steps` are one-element float tensors,
+    incremented unless the step is skipped. `master_params` / `compensations` hold, per parameter,
+    its fp32 master weight / compensation buffer or None (all or none within a dtype). A tensor `lr`
+    is read by the kernels (no host sync). See the module docstring for the math.
     """
     lists = {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
              "max_exp_avg_sqs": max_exp_avg_sqs, "master_params": master_params or [],
-             "compensations": compensations or []}
-    lists["state_steps"] = state_steps
+             "compensations": compensations or [], "state_steps": state_steps}
     for (device, *_), bucket in group_by_device_and_dtype(lists).items():
+        for name in ("master_params", "compensations"):
+            bucket[name] = present_or_empty(bucket[name], name)
         steps = bucket.pop("state_steps")
         dense, write_back = make_dense(bucket, _MUTATED)
-        ADAM.run(_adam_step_op, ADAM.choose(device, backend), dense["params"], dense["grads"], dense["exp_avgs"],
-                 dense["exp_avg_sqs"], dense["max_exp_avg_sqs"], steps, dense["master_params"],
-                 dense["compensations"], lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
-                 decoupled_weight_decay, on_device(grad_mult, device), on_device(found_inf, device))
+        lr_value, lr_tensor = learning_rate(lr, device)
+        ADAM(ADAM.choose(device, backend), dense["params"], dense["grads"], dense["exp_avgs"], dense["exp_avg_sqs"],
+             dense["max_exp_avg_sqs"], steps, dense["master_params"], dense["compensations"], lr_value, beta1, beta2,
+             eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, on_device(grad_mult, device),
+             on_device(found_inf, device), lr_tensor)
         write_back()

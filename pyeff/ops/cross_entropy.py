@@ -61,7 +61,7 @@ def total_weight(target: Tensor, weight: Tensor | None, ignore_index: int, acc: 
     return torch.where(valid, weight.to(acc)[torch.where(valid, target, 0)], 0).sum()
 
 
-@CROSS_ENTROPY.register("reference")
+@CROSS_ENTROPY.reference
 def cross_entropy_reference(logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
                             label_smoothing: float, reduction: str, with_grad: bool) -> tuple[Tensor, Tensor]:
     acc = opmath_dtype(logits.dtype)
@@ -94,7 +94,7 @@ def cross_entropy_reference(logits: Tensor, target: Tensor, weight: Tensor | Non
     return loss, g.to(logits.dtype)
 
 
-@CROSS_ENTROPY.register("cpu")
+@CROSS_ENTROPY.impl("cpu")
 def cross_entropy_cpu(logits, target, weight, ignore_index, label_smoothing, reduction, with_grad):
     n = logits.shape[0]
     loss = logits.new_empty((n,) if reduction == "none" else (), dtype=opmath_dtype(logits.dtype))
@@ -103,7 +103,7 @@ def cross_entropy_cpu(logits, target, weight, ignore_index, label_smoothing, red
     return loss, grad if grad is not None else logits.new_empty((0,))
 
 
-@CROSS_ENTROPY.register("triton")
+@CROSS_ENTROPY.impl("triton")
 def cross_entropy_triton(logits, target, weight, ignore_index, label_smoothing, reduction, with_grad):
     from pyeff.kernels.cross_entropy import cross_entropy_rows
 
@@ -118,14 +118,8 @@ def cross_entropy_triton(logits, target, weight, ignore_index, label_smoothing, 
     return loss, grad if grad is not None else logits.new_empty((0,))
 
 
-@torch.library.custom_op("pyeff::cross_entropy", mutates_args=())
-def _cross_entropy_op(logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
-                      label_smoothing: float, reduction: str, with_grad: bool, backend: str) -> tuple[Tensor, Tensor]:
-    return CROSS_ENTROPY(backend, logits, target, weight, ignore_index, label_smoothing, reduction, with_grad)
-
-
-@_cross_entropy_op.register_fake
-def _(logits, target, weight, ignore_index, label_smoothing, reduction, with_grad, backend):
+@CROSS_ENTROPY.fake
+def _(logits, target, weight, ignore_index, label_smoothing, reduction, with_grad):
     loss = logits.new_empty((logits.shape[0],) if reduction == "none" else (), dtype=opmath_dtype(logits.dtype))
     grad = logits.new_empty(logits.shape) if with_grad else logits.new_empty((0,))
     return loss, grad
@@ -169,5 +163,5 @@ def cross_entropy(logits: Tensor, target: Tensor, weight: Tensor | None = None, 
     if logits.shape[1] > 1 and logits.stride(1) != 1:
         logits = logits.contiguous()
     with torch.no_grad():  # the op returns its gradient; its outputs join no graph
-        return CROSS_ENTROPY.run(_cross_entropy_op, CROSS_ENTROPY.choose(logits.device, backend), logits, target,
-                                 weight, int(ignore_index), float(label_smoothing), reduction, bool(with_grad))
+        return CROSS_ENTROPY(CROSS_ENTROPY.choose(logits.device, backend), logits, target, weight, int(ignore_index),
+                             float(label_smoothing), reduction, bool(with_grad))

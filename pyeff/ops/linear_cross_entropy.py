@@ -47,7 +47,7 @@ def default_chunk_size(rows: int, hidden_size: int, vocab: int) -> int:
     return max(1, min(rows, max(floor, math.ceil(rows * hidden_size / max(1, vocab)))))
 
 
-@LINEAR_CROSS_ENTROPY.register("reference")
+@LINEAR_CROSS_ENTROPY.reference
 def linear_cross_entropy_reference(
     hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None, ignore_index: int, label_smoothing: float,
     reduction: str, chunk_size: int, grad_hidden: bool, grad_weight: bool, grad_bias: bool,
@@ -108,14 +108,14 @@ def _rows_cpu(logits, target, weight, ignore_index, label_smoothing, grad_scale,
                                            row_losses, grad)
 
 
-@LINEAR_CROSS_ENTROPY.register("cpu")
+@LINEAR_CROSS_ENTROPY.impl("cpu")
 def linear_cross_entropy_cpu(hidden, weight, target, bias, ignore_index, label_smoothing, reduction, chunk_size,
                              grad_hidden, grad_weight, grad_bias):
     return _chunked(_rows_cpu, hidden, weight, target, bias, ignore_index,
                     label_smoothing, reduction, chunk_size, grad_hidden, grad_weight, grad_bias)
 
 
-@LINEAR_CROSS_ENTROPY.register("triton")
+@LINEAR_CROSS_ENTROPY.impl("triton")
 def linear_cross_entropy_triton(hidden, weight, target, bias, ignore_index, label_smoothing, reduction, chunk_size,
                                 grad_hidden, grad_weight, grad_bias):
     from pyeff.kernels.cross_entropy import cross_entropy_rows
@@ -124,18 +124,9 @@ def linear_cross_entropy_triton(hidden, weight, target, bias, ignore_index, labe
                     chunk_size, grad_hidden, grad_weight, grad_bias)
 
 
-@torch.library.custom_op("pyeff::linear_cross_entropy", mutates_args=())
-def _linear_cross_entropy_op(
-    hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None, ignore_index: int, label_smoothing: float,
-    reduction: str, chunk_size: int, grad_hidden: bool, grad_weight: bool, grad_bias: bool, backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return LINEAR_CROSS_ENTROPY(backend, hidden, weight, target, bias, ignore_index, label_smoothing, reduction,
-                                chunk_size, grad_hidden, grad_weight, grad_bias)
-
-
-@_linear_cross_entropy_op.register_fake
+@LINEAR_CROSS_ENTROPY.fake
 def _(hidden, weight, target, bias, ignore_index, label_smoothing, reduction, chunk_size, grad_hidden, grad_weight,
-      grad_bias, backend):
+      grad_bias):
     empty = hidden.new_empty((0,))
     loss = hidden.new_empty((hidden.shape[0],) if reduction == "none" else (), dtype=opmath_dtype(hidden.dtype))
     gh = hidden.new_empty(hidden.shape) if grad_hidden else empty
@@ -193,7 +184,7 @@ def linear_cross_entropy(
     if chunk_size is None:
         chunk_size = default_chunk_size(*hidden.shape, weight.shape[0])
     with torch.no_grad():  # the op returns its gradients; its outputs join no graph
-        return LINEAR_CROSS_ENTROPY.run(
-            _linear_cross_entropy_op, LINEAR_CROSS_ENTROPY.choose(hidden.device, backend), hidden, weight, target,
-            bias, int(ignore_index), float(label_smoothing), reduction, int(chunk_size), bool(grad_hidden),
-            bool(grad_weight), bool(grad_bias))
+        return LINEAR_CROSS_ENTROPY(
+            LINEAR_CROSS_ENTROPY.choose(hidden.device, backend), hidden, weight, target, bias, int(ignore_index),
+            float(label_smoothing), reduction, int(chunk_size), bool(grad_hidden), bool(grad_weight),
+            bool(grad_bias))

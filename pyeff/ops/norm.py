@@ -50,7 +50,7 @@ def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@NORM_FORWARD.register("reference")
+@NORM_FORWARD.reference
 def norm_forward_reference(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
                            eps: float, rms: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     acc = stat_dtype(x.dtype)
@@ -77,7 +77,7 @@ def norm_forward_reference(x: Tensor, residual: Tensor | None, weight: Tensor | 
     return y.to(x.dtype), h_out, mean, rstd
 
 
-@NORM_BACKWARD.register("reference")
+@NORM_BACKWARD.reference
 def norm_backward_reference(dy: Tensor, dh: Tensor | None, h: Tensor, weight: Tensor | None, mean: Tensor,
                             rstd: Tensor, rms: bool, weight_grad: bool,
                             bias_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -99,51 +99,29 @@ def norm_backward_reference(dy: Tensor, dh: Tensor | None, h: Tensor, weight: Te
     return dx.to(h.dtype), dweight, dbias
 
 
-@NORM_FORWARD.register("cpu")
-def norm_forward_cpu(x, residual, weight, bias, eps, rms):
-    return torch.ops.pyeff.norm_forward_cpu(x, residual, weight, bias, eps, rms)
-
-
-@NORM_BACKWARD.register("cpu")
-def norm_backward_cpu(dy, dh, h, weight, mean, rstd, rms, weight_grad, bias_grad):
-    return torch.ops.pyeff.norm_backward_cpu(dy, dh, h, weight, mean, rstd, rms, weight_grad, bias_grad)
-
-
-@NORM_FORWARD.register("triton")
+@NORM_FORWARD.impl("triton")
 def norm_forward_triton(x, residual, weight, bias, eps, rms):
     from pyeff.kernels import norm
 
     return norm.norm_forward(x, residual, weight, bias, eps, rms)
 
 
-@NORM_BACKWARD.register("triton")
+@NORM_BACKWARD.impl("triton")
 def norm_backward_triton(dy, dh, h, weight, mean, rstd, rms, weight_grad, bias_grad):
     from pyeff.kernels import norm
 
     return norm.norm_backward(dy, dh, h, weight, mean, rstd, rms, weight_grad, bias_grad)
 
 
-@torch.library.custom_op("pyeff::norm_forward", mutates_args=())
-def _norm_forward_op(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float,
-                     rms: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return NORM_FORWARD(backend, x, residual, weight, bias, eps, rms)
-
-
-@_norm_forward_op.register_fake
-def _(x, residual, weight, bias, eps, rms, backend):
+@NORM_FORWARD.fake
+def _(x, residual, weight, bias, eps, rms):
     stats = x.new_empty(x.shape[0], dtype=stat_dtype(x.dtype))
     return (torch.empty_like(x), torch.empty_like(x) if residual is not None else x.new_empty(0),
             stats.new_empty(0) if rms else torch.empty_like(stats), stats)
 
 
-@torch.library.custom_op("pyeff::norm_backward", mutates_args=())
-def _norm_backward_op(dy: Tensor, dh: Tensor | None, h: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor,
-                      rms: bool, weight_grad: bool, bias_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    return NORM_BACKWARD(backend, dy, dh, h, weight, mean, rstd, rms, weight_grad, bias_grad)
-
-
-@_norm_backward_op.register_fake
-def _(dy, dh, h, weight, mean, rstd, rms, weight_grad, bias_grad, backend):
+@NORM_BACKWARD.fake
+def _(dy, dh, h, weight, mean, rstd, rms, weight_grad, bias_grad):
     param_dtype = weight.dtype if weight is not None else stat_dtype(h.dtype)
     n = h.shape[1]
     return (torch.empty_like(h), h.new_empty(n if weight_grad else 0, dtype=param_dtype),
@@ -154,13 +132,12 @@ def norm_forward(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias
                  rms: bool, *, backend: str | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(y, h, mean, rstd)`` of LayerNorm (or RMSNorm with ``rms``) over the rows of 2-D ``x``, after
     adding ``residual`` when given. See the module docstring."""
-    return NORM_FORWARD.run(_norm_forward_op, NORM_FORWARD.choose(x.device, backend), x, residual, weight, bias,
-                            eps, rms)
+    return NORM_FORWARD(NORM_FORWARD.choose(x.device, backend), x, residual, weight, bias, eps, rms)
 
 
 def norm_backward(dy: Tensor, dh: Tensor | None, h: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor,
                   rms: bool, weight_grad: bool, bias_grad: bool, *,
                   backend: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``(dx, dweight, dbias)`` of :func:`norm_forward`. See the module docstring."""
-    return NORM_BACKWARD.run(_norm_backward_op, NORM_BACKWARD.choose(h.device, backend), dy, dh, h, weight, mean,
-                             rstd, rms, weight_grad, bias_grad)
+    return NORM_BACKWARD(NORM_BACKWARD.choose(h.device, backend), dy, dh, h, weight, mean, rstd, rms, weight_grad,
+                         bias_grad)

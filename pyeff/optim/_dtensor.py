@@ -20,14 +20,14 @@ except ImportError:  # torch without distributed support
     DTensor = None
 
 
-def unwrap(calls: list[tuple[dict, dict[str, list[Tensor]]]]) -> dist.ProcessGroup | None:
+def unwrap(calls: list[tuple[dict, dict[str, list[Tensor]], bool]]) -> dist.ProcessGroup | None:
     """Replace the DTensors in every op call's lists by their local shards, in place. Returns the
     process group over which the gradients are sharded (to sum statistics over), or None."""
     if DTensor is None:
         return None
     specs = set()
     plain = False
-    for _, lists in calls:
+    for _, lists, _ in calls:
         for g in lists["grads"]:
             if isinstance(g, DTensor):
                 specs.add((g.device_mesh, tuple(g.placements)))

@@ -4,17 +4,19 @@ NOTE [mixed-precision step]
 A step makes at most two passes over memory. When a loss scale must be checked or gradients
 clipped, one read-only pass (pyeff.ops.grad_stats) yields the non-finite flag and the global norm
 of all the optimizer's gradients. From those two numbers, still on the device (no host sync),
-come `found_inf` and one gradient multiplier, inverse loss scale x clip coefficient; the fused
-update applies the multiplier in registers and skips the whole step when found_inf is set
-(NOTE [overflow skip]). Gradients are never written.
+pyeff.ops.step_control computes `found_inf` and one gradient multiplier, inverse loss scale x clip
+coefficient; the fused update applies the multiplier in registers and skips the whole step when
+found_inf is set (NOTE [overflow skip]). Gradients are never written. The statistics and the
+control scalars live in two small buffers per device made at the first step, so that later steps
+allocate nothing and a whole iteration can be captured in a CUDA graph.
 
 - torch.amp.GradScaler sets `grad_scale` and `found_inf` on optimizers that declare
   `_step_supports_amp_scaling` (it has already made its own overflow pass);
 - pyeff.amp.GradScaler sets only `grad_scale`, and the optimizer's pass finds the overflow;
 - `max_grad_norm=` asks for the norm pass even without a scaler, and then a non-finite gradient
   skips the step too (rather than writing NaN into every parameter, as clip_grad_norm_ would).
-- `grad_stats_provider`, when set (by pyeff.distributed's DDP comm hook), may hand over those two
-  numbers for exactly this step's gradients, computed while they were all-reduced; the read pass
+- `grad_stats_provider`, when set (by pyeff.distributed's DDP comm hook), may hand over the
+  statistics of exactly this step's gradients, computed while they were all-reduced; the read pass
   is then skipped (NOTE [grad stats during the all-reduce] in pyeff/distributed/comm_hook.py).
 """
 
@@ -24,8 +26,10 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ..ops._multi_tensor import on_device
 from ..ops._registry import BACKENDS
 from ..ops.grad_stats import grad_stats
+from ..ops.step_control import step_control
 from . import _dtensor
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -33,12 +37,24 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 _MIXABLE = (torch.float32, torch.bfloat16, torch.float16)
 
 
+class _StepBuffers:
+    """One device's statistics and control scalars (NOTE [mixed-precision step]), with the views
+    the update reads, made once."""
+
+    def __init__(self, device: torch.device):
+        self.stats = torch.zeros(2, dtype=torch.float32, device=device)
+        self.control = torch.zeros(4, dtype=torch.float32, device=device)
+        self.grad_mult, self.found_inf, self.grad_norm = self.control[0], self.control[1], self.control[2]
+
+
 class FusedOptimizer(Optimizer):
-    """Base of pyeff.optim's optimizers. Subclasses implement `_init_group` (lazy state, the lists
-    the op takes) and `_update` (one op call per group)."""
+    """Base of pyeff.optim's optimizers. Subclasses name the argument lists of their op (`_LISTS`),
+    and implement `_init_group` (lazy state; fills those lists, as torch.optim's `_init_group` does,
+    so that torch.compile runs it once and guards on the state) and `_update` (one op call per group)."""
 
     _step_supports_amp_scaling = True
     _supports_sparse_grads = False
+    _LISTS: tuple[str, ...] = ()
 
     def __init__(self, params, defaults: dict, *, max_grad_norm: float | None, backend: str | None):
         if max_grad_norm is not None and not max_grad_norm > 0:
@@ -52,12 +68,12 @@ class FusedOptimizer(Optimizer):
             raise RuntimeError("`differentiable` does not support `master_weights` or `kahan_summation`")
         self.max_grad_norm = max_grad_norm
         self.backend = backend
-        # Set by every step: whether it was skipped for a non-finite gradient (a bool tensor on the
-        # gradients' device, so reading it is the only sync), and the global gradient norm when
-        # max_grad_norm is set (unscaled, as clip_grad_norm_ returns it).
-        self.last_step_skipped: Tensor | None = None
-        self.grad_norm: Tensor | None = None
-        # grads -> float32 [sum of squares, non-finite] for exactly these gradients, or None.
+        # NOTE [step buffers]: made outside the traced part of a step (in _init_group, which
+        # torch.compile runs eagerly), and what the last step used, kept in a dict that is updated in
+        # place (torch.compile replays that, but not attribute assignments on an optimizer).
+        self._buffers: dict[torch.device, _StepBuffers] = {}
+        self._last_step: dict[str, object] = {}
+        # grads -> float32 [sum of squares, non-finite] of exactly these gradients, or None.
         self.grad_stats_provider = None
         super().__init__(params, defaults)
         # torch.optim's checks, after its own construction as there (always fused here, so accepted)
@@ -77,8 +93,8 @@ class FusedOptimizer(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("max_grad_norm", None)
         self.__dict__.setdefault("backend", None)
-        self.__dict__.setdefault("last_step_skipped", None)
-        self.__dict__.setdefault("grad_norm", None)
+        self.__dict__.setdefault("_buffers", {})
+        self.__dict__.setdefault("_last_step", {})
         self.__dict__.setdefault("grad_stats_provider", None)
         for group in self.param_groups:
             group.setdefault("master_weights", False)
@@ -88,12 +104,47 @@ class FusedOptimizer(Optimizer):
                 if "step" in p_state and not torch.is_tensor(p_state["step"]):
                     p_state["step"] = torch.tensor(float(p_state["step"]), dtype=torch.float32, device=p.device)
 
+    # -- what the last step did
+    @property
+    def last_step_skipped(self) -> Tensor | None:
+        """Whether the last step was skipped for a non-finite gradient: a bool tensor on the
+        gradients' device (reading its value is the only sync), None before the first step."""
+        if not self._last_step:
+            return None
+        buffers = self._last_step["buffers"]
+        if buffers is None:
+            return torch.zeros((), dtype=torch.bool, device=self._last_step["device"])
+        return buffers.found_inf > 0
+
+    @property
+    def grad_norm(self) -> Tensor | None:
+        """The global gradient norm of the last step when `max_grad_norm` is set (unscaled, as
+        clip_grad_norm_ returns it), else None."""
+        buffers = self._last_step.get("buffers")
+        if self.max_grad_norm is None or buffers is None:
+            return None
+        return buffers.grad_norm.clone()
+
+    def _found_inf(self) -> Tensor:
+        """The last step's overflow flag as float32 (what torch.amp.GradScaler.update reads)."""
+        buffers = self._last_step["buffers"]
+        if buffers is None:
+            return torch.zeros((), dtype=torch.float32, device=self._last_step["device"])
+        return buffers.found_inf
+
     # -- subclass interface
-    def _init_group(self, group: dict) -> list[dict[str, list[Tensor]]]:
-        """Create missing state; return the argument lists of each op call the group needs."""
+    def _init_group(self, group: dict, *lists: list) -> bool:
+        """Create missing state and append each parameter with a gradient to `lists` (in `_LISTS`
+        order: None where a parameter has no such state), then call _init_buffers(lists[0]).
+        Returns whether any parameter is complex."""
         raise NotImplementedError
 
-    def _update(self, group: dict, lists: dict[str, list[Tensor]], grad_mult: Tensor | None,
+    def _init_buffers(self, params: list[Tensor]) -> None:
+        """The step buffers of the device of the group's parameters (NOTE [step buffers])."""
+        if params and params[0].device not in self._buffers:
+            self._buffers[params[0].device] = _StepBuffers(params[0].device)
+
+    def _update(self, group: dict, lists: dict[str, list[Tensor]], has_complex: bool, grad_mult: Tensor | None,
                 found_inf: Tensor | None) -> None:
         raise NotImplementedError
 
@@ -123,37 +174,34 @@ class FusedOptimizer(Optimizer):
                     raise RuntimeError(f"{name}: a gradient of shape {tuple(g.shape)} for a parameter of shape "
                                        f"{tuple(p.shape)}")
 
+    def _grad_stats(self, grads: list[Tensor], out: Tensor, shard_group) -> Tensor:
+        """grad_stats of `grads` into `out`: the provider's when it has them, else one pass, summed
+        over `shard_group` when the gradients are shards (NOTE [DTensor parameters] in _dtensor.py)."""
+        provided = self.grad_stats_provider(grads) if self.grad_stats_provider is not None else None
+        if provided is not None:
+            return out.copy_(provided)
+        grad_stats(grads, out=out, backend=self.backend)
+        if shard_group is not None:
+            torch.distributed.all_reduce(out, group=shard_group)
+            out[1].clamp_(max=1)  # the ranks' non-finite flags were summed
+        return out
+
     def _mixed_precision_prologue(self, grads: list[Tensor], shard_group=None) -> tuple[Tensor | None, Tensor | None]:
-        """(grad_mult, found_inf) for the update; see NOTE [mixed-precision step]. With `shard_group`,
-        `grads` are this rank's shards and the statistics are summed over the group (NOTE [DTensor
-        parameters] in _dtensor.py)."""
+        """(grad_mult, found_inf) for the update; see NOTE [mixed-precision step]."""
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        # The reciprocal in fp64, as torch.amp.GradScaler.unscale_ computes it.
-        inv_scale = None if grad_scale is None else grad_scale.double().reciprocal().float()
-        grad_mult = inv_scale
-        self.grad_norm = None
-        if grads and (self.max_grad_norm is not None or (grad_scale is not None and found_inf is None)):
-            stats = self.grad_stats_provider(grads) if self.grad_stats_provider is not None else None
-            if stats is None:
-                stats = grad_stats(grads, backend=self.backend)
-                if shard_group is not None:
-                    torch.distributed.all_reduce(stats, group=shard_group)
-                    stats = torch.stack([stats[0], stats[1].clamp(max=1)])
-            nonfinite = stats[1]
-            found_inf = nonfinite if found_inf is None else torch.maximum(found_inf.to(stats.device), nonfinite)
-            if self.max_grad_norm is not None:
-                norm = stats[0].sqrt()
-                if inv_scale is not None:
-                    norm = norm * inv_scale.to(norm.device)
-                self.grad_norm = norm
-                # clip_grad_norm_: max_norm / (total_norm + 1e-6), clamped to 1
-                clip = (self.max_grad_norm / (norm + 1e-6)).clamp_(max=1.0)
-                grad_mult = clip if inv_scale is None else inv_scale.to(clip.device) * clip
         device = grads[0].device if grads else torch.device("cpu")
-        self.last_step_skipped = (found_inf > 0) if found_inf is not None else torch.zeros((), dtype=torch.bool,
-                                                                                           device=device)
-        return grad_mult, found_inf
+        need_stats = bool(grads) and (self.max_grad_norm is not None or (grad_scale is not None and found_inf is None))
+        self._last_step["device"] = device
+        if not grads or (grad_scale is None and found_inf is None and not need_stats):
+            self._last_step["buffers"] = None
+            return None, None
+        buffers = self._buffers[device]
+        stats = self._grad_stats(grads, buffers.stats, shard_group) if need_stats else None
+        step_control(stats, on_device(grad_scale, device), on_device(found_inf, device), self.max_grad_norm or 0.0,
+                     buffers.control, backend=self.backend)
+        self._last_step["buffers"] = buffers
+        return buffers.grad_mult, buffers.found_inf
 
     def step(self, closure=None):
         """Perform a single optimization step.
@@ -168,12 +216,17 @@ class FusedOptimizer(Optimizer):
                 loss = closure()
         with torch.set_grad_enabled(self.defaults["differentiable"]):
             self._check_inputs()
-            calls = [(group, lists) for group in self.param_groups for lists in self._init_group(group)]
+            calls = []
+            for group in self.param_groups:
+                lists = [[] for _ in self._LISTS]
+                has_complex = self._init_group(group, *lists)
+                if lists[0]:
+                    calls.append((group, dict(zip(self._LISTS, lists)), has_complex))
             shard_group = _dtensor.unwrap(calls)
-            grad_mult, found_inf = self._mixed_precision_prologue([g for _, lists in calls for g in lists["grads"]],
+            grad_mult, found_inf = self._mixed_precision_prologue([g for _, lists, _ in calls for g in lists["grads"]],
                                                                   shard_group)
-            for group, lists in calls:
-                self._update(group, lists, grad_mult, found_inf)
+            for group, lists, has_complex in calls:
+                self._update(group, lists, has_complex, grad_mult, found_inf)
         return loss
 
     # -- checkpoints
@@ -221,18 +274,15 @@ def init_low_precision_state(group: dict, p: Tensor, state: dict, moment_keys: t
     return mode
 
 
-def append_low_precision_state(lists: dict[str, list[Tensor]], mode: str, state: dict) -> None:
-    """Add a parameter's master weight or compensation buffer to its op call's lists."""
-    if mode == "master":
-        lists["master_params"].append(state["master_param"])
-    elif mode == "kahan":
-        lists["compensations"].append(state["compensation"])
+def step_on_device(state: dict, p: Tensor) -> Tensor:
+    """state['step'] on p's device (a torch.optim checkpoint may keep it on the CPU): the kernels
+    read and increment it there, without a sync."""
+    step = state["step"]
+    if step.device != p.device:
+        step = state["step"] = step.to(p.device)
+    return step
 
 
-def as_real(t: Tensor) -> Tensor:
+def as_real(ts: list[Tensor | None]) -> list[Tensor | None]:
     """torch.optim updates complex tensors as their real views."""
-    return torch.view_as_real(t) if torch.is_complex(t) else t
-
-
-def scalar(x) -> float:
-    return x.item() if torch.is_tensor(x) else float(x)
+    return [torch.view_as_real(t) if t is not None and torch.is_complex(t) else t for t in ts]

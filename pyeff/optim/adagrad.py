@@ -14,11 +14,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..ops.adagrad import adagrad_step
-from ._fused import (LOW_PRECISION, FusedOptimizer, append_low_precision_state, as_real,
-                     init_low_precision_state, low_precision_mode, scalar)
-
-_LISTS = ("params", "grads", "state_sums", "state_steps", "master_params", "compensations")
+from ..ops.adagrad import SPARSE_WEIGHT_DECAY, adagrad_step, check_sparse_indices
+from ._fused import (LOW_PRECISION, FusedOptimizer, as_real, init_low_precision_state, low_precision_mode,
+                     step_on_device)
 
 
 def _check_hyperparameters(lr, lr_decay, weight_decay, initial_accumulator_value, eps) -> None:
@@ -35,21 +33,6 @@ def _check_hyperparameters(lr, lr_decay, weight_decay, initial_accumulator_value
         raise ValueError(f"Invalid initial_accumulator_value value: {initial_accumulator_value}")
     if not 0.0 <= eps:
         raise ValueError(f"Invalid epsilon value: {eps}")
-
-
-def _check_sparse_indices(grad: Tensor) -> None:
-    """Indices inside the parameter (torch builds sparse tensors without checking them by default):
-    checked here for every group before any is updated. On the CPU only, where it costs no sync;
-    the kernels check again."""
-    idx = grad._indices()
-    if idx.device.type != "cpu" or idx.numel() == 0:
-        return
-    sizes = torch.tensor(grad.shape[:grad.sparse_dim()], dtype=idx.dtype).unsqueeze(1)
-    bad = (idx < 0) | (idx >= sizes)
-    if bad.any():
-        d, r = bad.nonzero()[0].tolist()
-        raise RuntimeError(f"Adagrad: a sparse gradient of shape {tuple(grad.shape)} has index {idx[d, r].item()} "
-                           f"in dimension {d}, outside its parameter's size {grad.shape[d]}")
 
 
 def _step_dtype(fused) -> torch.dtype:
@@ -79,6 +62,7 @@ class Adagrad(FusedOptimizer):
     """
 
     _supports_sparse_grads = True
+    _LISTS = ("params", "grads", "state_sums", "state_steps", "master_params", "compensations")
 
     def __init__(
         self,
@@ -156,49 +140,44 @@ class Adagrad(FusedOptimizer):
                 if p.grad is None or not p.grad.is_sparse:
                     continue
                 if group["weight_decay"] != 0:
-                    raise RuntimeError("weight_decay option is not compatible with sparse gradients")
+                    raise RuntimeError(SPARSE_WEIGHT_DECAY)
                 if torch.is_complex(p) and not group["differentiable"]:
                     raise RuntimeError("Adagrad: sparse gradients of complex parameters are not supported by the "
                                        "fused step; use torch.optim.Adagrad for them")
-                _check_sparse_indices(p.grad)
+                check_sparse_indices(p.grad, "Adagrad")
 
-    def _init_group(self, group):
-        # One op call per precision mode present in the group (NOTE [low-precision parameter modes]).
-        calls: dict[str, dict[str, list[Tensor]]] = {}
+    def _init_group(self, group, params, grads, state_sums, state_steps, master_params, compensations):
+        has_complex = False
         for p in group["params"]:
             grad = p.grad
             if grad is None:
                 continue
+            has_complex |= torch.is_complex(p)
             state = self.state[p]
             if not state:
                 self._init_state(group, p, self.defaults["initial_accumulator_value"])
             mode = init_low_precision_state(group, p, state, ("sum",)) if p.dtype in LOW_PRECISION else "plain"
+            params.append(p)
+            # A sparse gradient is coalesced once here: the overflow/norm pass and the update share it.
+            grads.append(grad.coalesce() if grad.is_sparse else grad)
+            state_sums.append(state["sum"])
+            state_steps.append(step_on_device(state, p))
+            master_params.append(state["master_param"] if mode == "master" else None)
+            compensations.append(state["compensation"] if mode == "kahan" else None)
+        self._init_buffers(params)
+        return has_complex
 
-            lists = calls.get(mode)
-            if lists is None:
-                lists = calls[mode] = {k: [] for k in _LISTS}
-            state_sum = state["sum"]
-            if grad.is_sparse:
-                # Coalesced once here: the overflow/norm pass and the update share it.
-                grad = grad.coalesce()
-            elif p.is_complex():  # torch.optim updates complex tensors as their real views
-                p, grad, state_sum = map(as_real, (p, grad, state_sum))
-            lists["params"].append(p)
-            lists["grads"].append(grad)
-            lists["state_sums"].append(state_sum)
-            lists["state_steps"].append(state["step"])
-            append_low_precision_state(lists, mode, state)
-        return list(calls.values())
-
-    def _update(self, group, lists, grad_mult, found_inf):
+    def _update(self, group, lists, has_complex, grad_mult, found_inf):
         if group["differentiable"]:
             self._differentiable_update(group, lists, grad_mult, found_inf)
             return
+        if has_complex:  # dense gradients only (_check_inputs)
+            lists = {k: v if k == "state_steps" else as_real(v) for k, v in lists.items()}
         adagrad_step(
             lists["params"], lists["grads"], lists["state_sums"], lists["state_steps"], lists["master_params"],
-            lists["compensations"], lr=scalar(group["lr"]), lr_decay=group["lr_decay"],
-            weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
-            grad_mult=grad_mult, found_inf=found_inf, backend=self.backend)
+            lists["compensations"], lr=group["lr"], lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
+            eps=group["eps"], maximize=group["maximize"], grad_mult=grad_mult, found_inf=found_inf,
+            backend=self.backend)
 
     def _differentiable_update(self, group, lists, grad_mult, found_inf):
         # Autograd through the update needs torch's own tensor-op implementation.
@@ -208,5 +187,5 @@ class Adagrad(FusedOptimizer):
 
         functional(lists["params"], lists["grads"], lists["state_sums"], lists["state_steps"], fused=False,
                    has_sparse_grad=any(g.is_sparse for g in lists["grads"]), foreach=False, differentiable=True,
-                   has_complex=False, lr=group["lr"], weight_decay=group["weight_decay"],
+                   has_complex=any(torch.is_complex(p) for p in lists["params"]), lr=group["lr"], weight_decay=group["weight_decay"],
                    lr_decay=group["lr_decay"], eps=group["eps"], maximize=group["maximize"])

@@ -12,12 +12,10 @@ import torch
 from torch import Tensor
 
 from ..ops.adam import adam_step
-from ._fused import (LOW_PRECISION, FusedOptimizer, append_low_precision_state, as_real,
-                     init_low_precision_state, low_precision_mode, scalar)
+from ._fused import (LOW_PRECISION, FusedOptimizer, as_real, init_low_precision_state, low_precision_mode,
+                     step_on_device)
 
 _MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-_LISTS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps", "master_params",
-          "compensations")
 
 
 def _check_hyperparameters(lr, betas, eps, weight_decay) -> None:
@@ -47,6 +45,9 @@ class Adam(FusedOptimizer):
             update's rounding error in ``state['compensation']`` so small updates are not lost.
         backend (str, optional): force an op backend ('cpu', 'reference', ...); see pyeff.ops.
     """
+
+    _LISTS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps", "master_params",
+              "compensations")
 
     def __init__(
         self,
@@ -118,54 +119,49 @@ class Adam(FusedOptimizer):
         if group["differentiable"] and (group["master_weights"] or group["kahan_summation"]):
             raise RuntimeError("`differentiable` does not support `master_weights` or `kahan_summation`")
 
-    def _init_group(self, group):
-        # One op call per precision mode present in the group (NOTE [low-precision parameter modes]).
-        calls: dict[str, dict[str, list[Tensor]]] = {}
-        amsgrad = group["amsgrad"]
+    def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, master_params,
+                    compensations):
+        has_complex = False
         for p in group["params"]:
-            grad = p.grad
-            if grad is None:
+            if p.grad is None:
                 continue
+            has_complex |= torch.is_complex(p)
             state = self.state[p]
             if not state:
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 moment_dtype = torch.float32 if low_precision_mode(group, p) == "master" else p.dtype
                 state["exp_avg"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
-            if amsgrad and "max_exp_avg_sq" not in state:
+            if group["amsgrad"] and "max_exp_avg_sq" not in state:
                 state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"], memory_format=torch.preserve_format)
             mode = init_low_precision_state(group, p, state, _MOMENTS) if p.dtype in LOW_PRECISION else "plain"
             if group["differentiable"] and state["step"].requires_grad:
                 raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            if group["amsgrad"]:
+                max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+            state_steps.append(step_on_device(state, p))
+            master_params.append(state["master_param"] if mode == "master" else None)
+            compensations.append(state["compensation"] if mode == "kahan" else None)
+        self._init_buffers(params)
+        return has_complex
 
-            lists = calls.get(mode)
-            if lists is None:
-                lists = calls[mode] = {k: [] for k in _LISTS}
-            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-            if p.is_complex():  # torch.optim updates complex tensors as their real views
-                p, grad, exp_avg, exp_avg_sq = map(torch.view_as_real, (p, grad, exp_avg, exp_avg_sq))
-            lists["params"].append(p)
-            lists["grads"].append(grad)
-            lists["exp_avgs"].append(exp_avg)
-            lists["exp_avg_sqs"].append(exp_avg_sq)
-            if amsgrad:
-                lists["max_exp_avg_sqs"].append(as_real(state["max_exp_avg_sq"]))
-            lists["state_steps"].append(state["step"])
-            append_low_precision_state(lists, mode, state)
-        return list(calls.values())
-
-    def _update(self, group, lists, grad_mult, found_inf):
+    def _update(self, group, lists, has_complex, grad_mult, found_inf):
         if group["differentiable"]:
             self._differentiable_update(group, lists, grad_mult, found_inf)
             return
-        beta1, beta2 = map(scalar, group["betas"])
+        if has_complex:
+            lists = {k: v if k == "state_steps" else as_real(v) for k, v in lists.items()}
+        beta1, beta2 = (b.item() if isinstance(b, Tensor) else b for b in group["betas"])
         adam_step(
             lists["params"], lists["grads"], lists["exp_avgs"], lists["exp_avg_sqs"], lists["max_exp_avg_sqs"],
-            lists["state_steps"], lists["master_params"], lists["compensations"], lr=scalar(group["lr"]),
-            beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-            amsgrad=group["amsgrad"], maximize=group["maximize"],
-            decoupled_weight_decay=group["decoupled_weight_decay"], grad_mult=grad_mult, found_inf=found_inf,
-            backend=self.backend)
+            lists["state_steps"], lists["master_params"], lists["compensations"], lr=group["lr"], beta1=beta1,
+            beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
+            maximize=group["maximize"], decoupled_weight_decay=group["decoupled_weight_decay"], grad_mult=grad_mult,
+            found_inf=found_inf, backend=self.backend)
 
     def _differentiable_update(self, group, lists, grad_mult, found_inf):
         # Autograd through the update needs torch's own tensor-op implementation.

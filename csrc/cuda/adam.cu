@@ -1,0 +1,174 @@
+// adam_step's CUDA backend: one launch over every tensor of the call (NOTE [multi-tensor launch]),
+// the update of csrc/adam_math.h per element, then one launch that advances the step counts, and
+// registration as torch.ops.pyeff.adam_step.cuda. Nothing is read on the host: the learning rate
+// (when a tensor), the gradient multiplier, found_inf and the step counts are read by the kernels.
+// Contract and reference: pyeff/ops/adam.py; checks: csrc/adam.h.
+#include <ATen/core/Tensor.h>
+
+#include "adam.h"
+#include "adam_math.h"
+#include "cuda/elementwise.cuh"
+#include "cuda/steps.cuh"
+#include "low_precision_math.h"
+#include "optimizer_types.h"
+
+namespace pyeff::cuda {
+namespace {
+
+constexpr const char* kOp = "adam_step";
+
+struct AdamEntry {
+  void* param;
+  const void* grad;
+  void* exp_avg;
+  void* exp_avg_sq;
+  void* max_exp_avg_sq;  // amsgrad only
+  float* master;         // MASTER only
+  void* compensation;    // KAHAN only
+  const void* step;      // the step count before this step
+  int64_t numel;
+};
+
+// What every chunk reads besides its tensor's entry.
+struct AdamScalars {
+  AdamHyper hyper;
+  double lr;              // unless lr_tensor
+  const void* lr_tensor;  // float32 or float64, one element
+  bool lr_is_double;
+  bool step_is_double;
+  const float* grad_mult;
+  const float* found_inf;
+};
+
+// Parameter storage P, gradient storage G, NOTE [low-precision parameter modes] MODE.
+template <typename P, typename G, PrecisionMode MODE>
+struct AdamChunk {
+  using Acc = acc_t<P>;
+  using M = state_t<P, MODE>;
+  static constexpr int kW = kVec<P>;
+
+  struct Ptrs {
+    P* param;
+    const G* grad;
+    M* exp_avg;
+    M* exp_avg_sq;
+    M* max_sq;
+    float* master;
+    P* comp;
+  };
+
+  // W consecutive elements from i: load, update (csrc/adam_math.h), store.
+  template <int W>
+  C10_DEVICE static void update(const Ptrs& q, int64_t i, const AdamHyper& h, const AdamCoef<Acc>& c) {
+    Acc p[W], g[W], m[W], v[W], x[W] = {}, old[W];
+    if constexpr (MODE == PrecisionMode::MASTER) {
+      load<W>(q.master, i, p);
+    } else {
+      load<W>(q.param, i, p);
+    }
+    load<W>(q.grad, i, g);
+    load<W>(q.exp_avg, i, m);
+    load<W>(q.exp_avg_sq, i, v);
+    if (h.amsgrad) load<W>(q.max_sq, i, x);
+#pragma unroll
+    for (int k = 0; k < W; ++k) {
+      old[k] = p[k];
+      adam_math(h, c, p[k], g[k], m[k], v[k], x[k]);
+    }
+    store<W>(q.exp_avg, i, m);
+    store<W>(q.exp_avg_sq, i, v);
+    if (h.amsgrad) store<W>(q.max_sq, i, x);
+    if constexpr (MODE == PrecisionMode::MASTER) {
+      store<W>(q.master, i, p);
+      store<W>(q.param, i, p);
+    } else if constexpr (MODE == PrecisionMode::KAHAN) {
+      Acc comp[W], r[W];
+      load<W>(q.comp, i, comp);
+#pragma unroll
+      for (int k = 0; k < W; ++k) compensated_store(old[k], p[k], comp[k], r[k], RoundTo<P>());
+      store<W>(q.param, i, r);
+      store<W>(q.comp, i, comp);
+    } else {
+      store<W>(q.param, i, p);
+    }
+  }
+
+  C10_DEVICE void operator()(const AdamEntry& e, int64_t begin, int64_t end, const AdamScalars& s) const {
+    if (s.found_inf != nullptr && *s.found_inf != 0) return;  // NOTE [overflow skip] (csrc/checks.h)
+    const AdamHyper& h = s.hyper;
+    const double lr = s.lr_tensor != nullptr ? read_scalar(s.lr_tensor, s.lr_is_double) : s.lr;
+    const double step = read_scalar(e.step, s.step_is_double) + 1;
+    const AdamCoef<Acc> c = adam_coef<Acc, Acc>(h, lr, step, s.grad_mult != nullptr ? Acc(*s.grad_mult) : Acc(1));
+    const Ptrs q{static_cast<P*>(e.param) + begin,
+                 static_cast<const G*>(e.grad) + begin,
+                 static_cast<M*>(e.exp_avg) + begin,
+                 static_cast<M*>(e.exp_avg_sq) + begin,
+                 h.amsgrad ? static_cast<M*>(e.max_exp_avg_sq) + begin : nullptr,
+                 MODE == PrecisionMode::MASTER ? e.master + begin : nullptr,
+                 MODE == PrecisionMode::KAHAN ? static_cast<P*>(e.compensation) + begin : nullptr};
+    const int64_t n = end - begin;
+    const bool aligned = is_aligned<kW>(q.param) && is_aligned<kW>(q.grad) && is_aligned<kW>(q.exp_avg) &&
+                         is_aligned<kW>(q.exp_avg_sq) && (!h.amsgrad || is_aligned<kW>(q.max_sq)) &&
+                         (MODE != PrecisionMode::MASTER || is_aligned<kW>(q.master)) &&
+                         (MODE != PrecisionMode::KAHAN || is_aligned<kW>(q.comp));
+    int64_t i = 0;
+    if (aligned) {
+      const int64_t groups = n / kW;
+      for (int64_t k = threadIdx.x; k < groups; k += blockDim.x) update<kW>(q, k * kW, h, c);
+      i = groups * kW;
+    }
+    for (i += threadIdx.x; i < n; i += blockDim.x) update<1>(q, i, h, c);
+  }
+};
+
+void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
+                    at::TensorList master_params, at::TensorList compensations, double lr, double beta1,
+                    double beta2, double eps, double weight_decay, bool amsgrad, bool maximize,
+                    bool decoupled_weight_decay, const std::optional<at::Tensor>& grad_mult,
+                    const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& lr_tensor) {
+  const AdamInputs in = check_adam_step(kOp, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                                        master_params, compensations, amsgrad, grad_mult, found_inf, lr_tensor);
+  const size_t n = params.size();
+  if (n == 0) return;
+  TORCH_CHECK(params[0].device().type() == kDeviceType, kOp, ": the cuda backend takes CUDA tensors, got ",
+              params[0].device());
+  TORCH_CHECK(check_same_step_dtype(state_steps), kOp, ": expected every state_steps tensor to have one dtype");
+  const DeviceGuard guard(params[0].device());
+
+  std::vector<AdamEntry> entries(n);
+  std::vector<int64_t> work(n);
+  for (size_t i = 0; i < n; ++i) {
+    entries[i] = {params[i].data_ptr(),
+                  grads[i].const_data_ptr(),
+                  exp_avgs[i].data_ptr(),
+                  exp_avg_sqs[i].data_ptr(),
+                  amsgrad ? max_exp_avg_sqs[i].data_ptr() : nullptr,
+                  in.low.master(i),
+                  in.low.compensation(i),
+                  state_steps[i].const_data_ptr(),
+                  params[i].numel()};
+    work[i] = params[i].numel();
+  }
+  AdamScalars s;
+  s.hyper = {beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_mult.has_value()};
+  s.lr = lr;
+  s.lr_tensor = lr_tensor ? lr_tensor->const_data_ptr() : nullptr;
+  s.lr_is_double = lr_tensor && lr_tensor->scalar_type() == at::kDouble;
+  s.step_is_double = state_steps[0].scalar_type() == at::kDouble;
+  s.grad_mult = grad_mult ? grad_mult->const_data_ptr<float>() : nullptr;
+  s.found_inf = found_inf ? found_inf->const_data_ptr<float>() : nullptr;
+
+  dispatch_optimizer_types(in.dtype, in.grad_dtype, in.low.mode, [&](auto p, auto g, auto mode) {
+    using P = typename decltype(p)::type;
+    using G = typename decltype(g)::type;
+    launch_multi_tensor(entries, work, AdamChunk<P, G, decltype(mode)::value>{}, s);
+  });
+  advance_steps(state_steps, s.found_inf);
+  bump_versions({params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, master_params, compensations});
+}
+
+}  // namespace
+}  // namespace pyeff::cuda
+
+PYEFF_REGISTER_CUDA("adam_step", &pyeff::cuda::adam_step_cuda)

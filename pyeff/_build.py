@@ -1,0 +1,20 @@
+"""The compiler flags of pyeff._C, in one place: setup.py builds with them, and tests/test_build.py
+compile-checks the CUDA sources with the same ones. Loaded by path (no import of pyeff, not built yet).
+
+NOTE [kernel numerics flags]
+Every backend of an optimizer op runs the same operations in the same order (csrc/<op>_math.h), so
+no compiler may contract a multiply and an add into one rounding (-ffp-contract=off, nvcc
+--fmad=false) or replace IEEE division and square root (no -ffast-math, no --use_fast_math).
+"""
+
+CXX_FLAGS = ["-O3", "-g0", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-Wno-psabi",
+             "-Wno-maybe-uninitialized"]  # the last two: false alarms from the at::vec headers
+
+
+def nvcc_flags(archs: list[str]) -> list[str]:
+    """nvcc's flags for real GPU code of each architecture in `archs` (e.g. ["80", "90"]) and PTX of
+    the newest, which later GPUs compile at load time."""
+    flags = ["-O3", "--fmad=false", "-lineinfo"]
+    flags += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    flags.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
+    return flags

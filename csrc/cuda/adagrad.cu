@@ -8,10 +8,8 @@
 
 #include "adagrad.h"
 #include "adagrad_math.h"
-#include "cuda/elementwise.cuh"
+#include "cuda/optimizer.cuh"
 #include "cuda/steps.cuh"
-#include "low_precision_math.h"
-#include "optimizer_types.h"
 
 namespace pyeff::cuda {
 namespace {
@@ -35,16 +33,7 @@ struct AdagradEntry {
   int64_t sizes[kMaxSparseDims], strides[kMaxSparseDims];
 };
 
-struct AdagradScalars {
-  AdagradHyper hyper;
-  double lr;              // unless lr_tensor
-  const void* lr_tensor;  // float32 or float64, one element
-  bool lr_is_double;
-  bool step_is_double;
-  const float* grad_mult;
-  const float* found_inf;
-};
-
+// Parameter storage P, gradient storage G, NOTE [low-precision parameter modes] MODE.
 template <typename P, typename G, PrecisionMode MODE>
 struct AdagradChunk {
   using Acc = acc_t<P>;
@@ -52,11 +41,9 @@ struct AdagradChunk {
   static constexpr int kW = kVec<P>;
 
   struct Ptrs {
-    P* param;
+    ParamAccess<P, MODE> param;
     const G* grad;
     S* sum;
-    float* master;
-    P* comp;
   };
 
   // W consecutive elements: the parameter's (and its state's) from i, the gradient's from gi.
@@ -64,11 +51,7 @@ struct AdagradChunk {
   C10_DEVICE static void update(const Ptrs& q, int64_t i, int64_t gi, const AdagradHyper& h,
                                 const AdagradCoef<Acc>& c) {
     Acc p[W], g[W], s[W], old[W];
-    if constexpr (MODE == PrecisionMode::MASTER) {
-      load<W>(q.master, i, p);
-    } else {
-      load<W>(q.param, i, p);
-    }
+    q.param.template load<W>(i, p);
     load<W>(q.grad, gi, g);
     load<W>(q.sum, i, s);
 #pragma unroll
@@ -77,30 +60,16 @@ struct AdagradChunk {
       adagrad_math<SPARSE>(h, c, p[k], g[k], s[k]);
     }
     store<W>(q.sum, i, s);
-    if constexpr (MODE == PrecisionMode::MASTER) {
-      store<W>(q.master, i, p);
-      store<W>(q.param, i, p);
-    } else if constexpr (MODE == PrecisionMode::KAHAN) {
-      Acc comp[W], r[W];
-      load<W>(q.comp, i, comp);
-#pragma unroll
-      for (int k = 0; k < W; ++k) compensated_store(old[k], p[k], comp[k], r[k], RoundTo<P>());
-      store<W>(q.param, i, r);
-      store<W>(q.comp, i, comp);
-    } else {
-      store<W>(q.param, i, p);
-    }
+    q.param.template store<W>(i, p, old);
   }
 
-  C10_DEVICE void operator()(const AdagradEntry& e, int64_t begin, int64_t end, const AdagradScalars& s) const {
-    if (s.found_inf != nullptr && *s.found_inf != 0) return;  // NOTE [overflow skip] (csrc/checks.h)
-    const AdagradHyper& h = s.hyper;
-    const double lr = s.lr_tensor != nullptr ? read_scalar(s.lr_tensor, s.lr_is_double) : s.lr;
-    const double step = read_scalar(e.step, s.step_is_double) + 1;
-    const AdagradCoef<Acc> c =
-        adagrad_coef<Acc, Acc>(h, lr, step, s.grad_mult != nullptr ? Acc(*s.grad_mult) : Acc(1));
-    const Ptrs q{static_cast<P*>(e.param), static_cast<const G*>(e.grad), static_cast<S*>(e.sum), e.master,
-                 static_cast<P*>(e.compensation)};
+  C10_DEVICE void operator()(const AdagradEntry& e, int64_t begin, int64_t end, const AdagradHyper& h,
+                             const StepScalars& s) const {
+    if (s.skip()) return;
+    const auto c = adagrad_coef<Acc, Acc>(h, s.learning_rate(), s.step(e.step), s.multiplier<Acc>());
+    const Ptrs q{{static_cast<P*>(e.param), e.master, static_cast<P*>(e.compensation)},
+                 static_cast<const G*>(e.grad),
+                 static_cast<S*>(e.sum)};
     if (e.indices != nullptr) {  // a sparse gradient: element j of the values, row by row
       for (int64_t j = begin + threadIdx.x; j < end; j += blockDim.x) {
         const int64_t row = j / e.row_numel;
@@ -114,17 +83,15 @@ struct AdagradChunk {
       }
       return;
     }
-    const bool aligned = is_aligned<kW>(q.param + begin) && is_aligned<kW>(q.grad + begin) &&
-                         is_aligned<kW>(q.sum + begin) &&
-                         (MODE != PrecisionMode::MASTER || is_aligned<kW>(q.master + begin)) &&
-                         (MODE != PrecisionMode::KAHAN || is_aligned<kW>(q.comp + begin));
     int64_t i = begin;
-    if (aligned) {
-      const int64_t groups = (end - begin) / kW;
-      for (int64_t k = threadIdx.x; k < groups; k += blockDim.x) {
-        update<kW, false>(q, begin + k * kW, begin + k * kW, h, c);
+    if constexpr (kW > 1) {
+      if (q.param.template aligned<kW>(begin) && is_aligned<kW>(q.grad + begin) && is_aligned<kW>(q.sum + begin)) {
+        const int64_t groups = (end - begin) / kW;
+        for (int64_t k = threadIdx.x; k < groups; k += blockDim.x) {
+          update<kW, false>(q, begin + k * kW, begin + k * kW, h, c);
+        }
+        i = begin + groups * kW;
       }
-      i = begin + groups * kW;
     }
     for (i += threadIdx.x; i < end; i += blockDim.x) update<1, false>(q, i, i, h, c);
   }
@@ -135,7 +102,7 @@ void adagrad_step_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
                        double lr, double lr_decay, double weight_decay, double eps, bool maximize,
                        const std::optional<at::Tensor>& grad_mult, const std::optional<at::Tensor>& found_inf,
                        const std::optional<at::Tensor>& lr_tensor) {
-  const AdagradInputs in = check_adagrad_step(kOp, params, grads, state_sums, state_steps, master_params,
+  const OptimizerInputs in = check_adagrad_step(kOp, params, grads, state_sums, state_steps, master_params,
                                               compensations, weight_decay, grad_mult, found_inf, lr_tensor);
   const size_t n = params.size();
   if (n == 0) return;
@@ -185,19 +152,12 @@ void adagrad_step_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
     }
     work[i] = e.numel;
   }
-  AdagradScalars s;
-  s.hyper = {lr_decay, eps, weight_decay, maximize, grad_mult.has_value()};
-  s.lr = lr;
-  s.lr_tensor = lr_tensor ? lr_tensor->const_data_ptr() : nullptr;
-  s.lr_is_double = lr_tensor && lr_tensor->scalar_type() == at::kDouble;
-  s.step_is_double = state_steps[0].scalar_type() == at::kDouble;
-  s.grad_mult = grad_mult ? grad_mult->const_data_ptr<float>() : nullptr;
-  s.found_inf = found_inf ? found_inf->const_data_ptr<float>() : nullptr;
-
+  const AdagradHyper h{lr_decay, eps, weight_decay, maximize, grad_mult.has_value()};
+  const StepScalars s = step_scalars(lr, lr_tensor, state_steps, grad_mult, found_inf);
   dispatch_optimizer_types(in.dtype, in.grad_dtype, in.low.mode, [&](auto p, auto g, auto mode) {
     using P = typename decltype(p)::type;
     using G = typename decltype(g)::type;
-    launch_multi_tensor(entries, work, AdagradChunk<P, G, decltype(mode)::value>{}, s);
+    launch_multi_tensor(entries, work, AdagradChunk<P, G, decltype(mode)::value>{}, h, s);
   });
   advance_steps(state_steps, s.found_inf);
   bump_versions({params, state_sums, state_steps, master_params, compensations});

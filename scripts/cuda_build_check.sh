@@ -11,7 +11,7 @@
 # the one nvcc runs from, or $CUDA_HOME; its major version must be torch's (setup.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${CUDA_VENV:-.venv-cuda}
+VENV=$(realpath -m "${CUDA_VENV:-.venv-cuda}")  # absolute: the build runs in a copy
 TORCH_PIN=${CUDA_TORCH:-torch==2.14.1}
 export MAX_JOBS=${MAX_JOBS:-2} PYEFF_CUDA_ARCHS=${PYEFF_CUDA_ARCHS:-80;90}
 t0=$SECONDS

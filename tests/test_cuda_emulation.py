@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pyeff.ops import adagrad_step, adam_step, grad_stats, step_control
+from pyeff.ops import adagrad_step, adam_step, grad_stats, sgd_step, step_control
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
-OPTIMIZER_SOURCES = ["adam.cu", "adagrad.cu", "grad_stats.cu", "step_control.cu"]
+OPTIMIZER_SOURCES = ["adam.cu", "adagrad.cu", "sgd.cu", "grad_stats.cu", "step_control.cu"]
 CHUNK = 512  # elements per chunk (65536 on a GPU)
 
 
@@ -197,6 +197,88 @@ def test_adagrad_sparse_index_outside_the_parameter_is_a_device_assert(emulated)
     inputs["state_steps"].append(torch.tensor(0.0))
     with pytest.raises(RuntimeError, match="device-side assert"):
         _run_emulated_adagrad(emulated, inputs, ADAGRAD_HP)
+
+
+# ---------------------------------------------------------------- sgd
+
+SGD_LISTS = ("params", "grads", "momentum_buffers", "is_first_step", "master_params", "compensations")
+SGD_HP = [dict(lr=0.01, momentum=0.9, dampening=0.2, weight_decay=0.1, nesterov=False, maximize=True),
+          dict(lr=0.003, momentum=0.5, dampening=0.0, weight_decay=0.02, nesterov=True, maximize=False),
+          dict(lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False)]
+
+
+def _sgd_inputs(sizes, dtype, grad_dtype, mode, momentum, offset=0):
+    """As _adam_inputs; every third tensor takes its first momentum step (its buffer is NaN: an
+    output only)."""
+    x = _adam_inputs(sizes, dtype, grad_dtype, mode, False, offset)
+    first = [k % 3 == 0 for k in range(len(sizes))] if momentum else []
+    bufs = [m.clone() for m in x["exp_avgs"]] if momentum else []
+    for b, f in zip(bufs, first):
+        if f:
+            b.fill_(float("nan"))
+    return dict(params=x["params"], grads=x["grads"], momentum_buffers=bufs, is_first_step=first,
+                master_params=x["master_params"], compensations=x["compensations"])
+
+
+def _clone_sgd(x):
+    return {k: list(v) if k == "is_first_step" else [t.clone() for t in v] for k, v in x.items()}
+
+
+def _run_emulated_sgd(ops, x, hp, grad_mult=None, found_inf=None, lr_tensor=None):
+    with torch.no_grad():
+        ops.sgd_step(*[x[k] for k in SGD_LISTS], hp["lr"], hp["momentum"], hp["dampening"], hp["weight_decay"],
+                     hp["nesterov"], hp["maximize"], grad_mult, found_inf, lr_tensor)
+
+
+def _tensors(x):
+    return {k: v for k, v in x.items() if k != "is_first_step"}
+
+
+@pytest.mark.parametrize("dtype,grad_dtype,mode", ADAM_COMBOS, ids=lambda x: str(x).replace("torch.", ""))
+@pytest.mark.parametrize("hp", SGD_HP, ids=["dampening-maximize", "nesterov", "plain"])
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "misaligned"])
+def test_sgd_matches_the_cpu_kernel_bitwise(emulated, dtype, grad_dtype, mode, hp, offset):
+    inputs = _sgd_inputs(SIZES, dtype, grad_dtype, mode, hp["momentum"], offset)
+    got, cpu, ref = _clone_sgd(inputs), _clone_sgd(inputs), _clone_sgd(inputs)
+    if mode == "master":  # the parameter is an output only: poison it
+        for p in got["params"]:
+            p.fill_(float("nan"))
+    mult = torch.tensor([0.37])
+    _run_emulated_sgd(emulated, got, hp, grad_mult=mult)
+    sgd_step(**cpu, **hp, grad_mult=mult, backend="cpu")
+    for b in got["momentum_buffers"]:
+        assert not b.isnan().any()
+    _assert_equal(_tensors(got), _tensors(cpu), "emulated cuda vs cpu")
+    sgd_step(**ref, **hp, grad_mult=mult, backend="reference")
+    for a, b in zip(got["params"], ref["params"]):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2 if dtype.itemsize == 2 else 1e-5, atol=1e-2)
+
+
+@pytest.mark.parametrize("lr_dtype", [torch.float32, torch.float64])
+def test_sgd_reads_a_tensor_lr(emulated, lr_dtype):
+    hp = SGD_HP[0]
+    inputs = _sgd_inputs(SIZES[:6], torch.float32, torch.float32, "plain", True)
+    got, want = _clone_sgd(inputs), _clone_sgd(inputs)
+    lr = torch.tensor(0.02, dtype=lr_dtype)
+    _run_emulated_sgd(emulated, got, {**hp, "lr": 123.0}, lr_tensor=lr)  # the float is ignored
+    sgd_step(**want, **{**hp, "lr": lr}, backend="cpu")
+    _assert_equal(_tensors(got), _tensors(want), "tensor lr")
+
+
+def test_sgd_found_inf_leaves_everything_bitwise(emulated):
+    inputs = _sgd_inputs(SIZES, torch.bfloat16, torch.bfloat16, "kahan", True)
+    got = _clone_sgd(inputs)
+    _run_emulated_sgd(emulated, got, SGD_HP[0], grad_mult=torch.tensor([0.5]), found_inf=torch.tensor([1.0]))
+    _assert_equal(_tensors(got), _tensors(inputs), "skipped step")
+
+
+def test_sgd_rejects_bad_input_before_writing(emulated):
+    inputs = _sgd_inputs([5, 9], torch.float32, torch.float32, "plain", True)
+    inputs["momentum_buffers"][1] = inputs["momentum_buffers"][1].double()
+    snap = _clone_sgd(inputs)
+    with pytest.raises(RuntimeError, match=r"expected momentum_buffers\[1\] to be Float, got Double"):
+        _run_emulated_sgd(emulated, inputs, SGD_HP[0])
+    _assert_equal(_tensors(inputs), _tensors(snap), "bad input")
 
 
 # ---------------------------------------------------------------- grad_stats, step_control

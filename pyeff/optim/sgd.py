@@ -34,8 +34,8 @@ def _check_hyperparameters(lr, momentum, dampening, weight_decay, nesterov) -> N
 class SGD(FusedOptimizer):
     """Drop-in for :class:`torch.optim.SGD` (see its documentation for the algorithm and arguments).
 
-    Sparse gradients are not supported by the fused step (nor by torch's ``fused=True``); with
-    ``differentiable=True`` the step is torch's own, which takes them.
+    Sparse gradients are not supported by the fused step (nor by torch's ``fused=True``): it raises
+    before anything is written (``differentiable=True`` runs torch's own step, which takes them).
 
     Extra keyword-only arguments:
         max_grad_norm (float, optional): clip the global L2 norm of all the optimizer's gradients

@@ -119,8 +119,8 @@ class SGD(FusedOptimizer):
                 continue
             has_complex |= torch.is_complex(p)
             mode = low_precision_mode(group, p) if p.dtype in LOW_PRECISION else "plain"
-            # torch.optim.SGD keeps no state without momentum: touch self.state only when needed.
-            state = self.state[p] if with_momentum or mode != "plain" else {}
+            # torch.optim.SGD creates no state entry until it has a momentum buffer to keep.
+            state = self.state[p] if mode != "plain" else self.state.get(p, {})
             if mode != "plain":
                 init_low_precision_state(group, p, state, ("momentum_buffer",))
             params.append(p)

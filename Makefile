@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PINS ?= torch==2.13.0 triton==3.8.0
-TOOLS ?= ninja numpy pytest hypothesis expecttest matplotlib
+TOOLS ?= "setuptools>=77" ninja numpy pytest hypothesis expecttest matplotlib
 export MAX_JOBS ?= 2
 
 .PHONY: setup build bench bench-full test clean

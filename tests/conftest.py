@@ -2,6 +2,8 @@
 Triton kernels run on the CPU through the interpreter (BUILD-NOTES.md)."""
 
 import os
+import subprocess
+import sys
 import zlib
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -33,3 +35,31 @@ def poison():
     torch.utils.deterministic.fill_uninitialized_memory = True
     yield
     torch.use_deterministic_algorithms(False)
+
+
+ISAS = ("default", "avx2", "avx512")
+
+
+@pytest.fixture(scope="session")
+def machine_isa():
+    """The best ISA the CPU kernels can run with on this machine (whatever PYEFF_CPU_ISA says here)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYEFF_CPU_ISA"}
+    code = "import pyeff._ext as e; print(e.cpu_isa())"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.split()[-1]
+
+
+@pytest.fixture
+def run_with_isa(machine_isa):
+    """run(code, isa, *args): `python -c code *args` with PYEFF_CPU_ISA=isa, asserting that the CPU
+    kernels ran with that ISA, or with the machine's best where it lacks it; returns the ISA that ran."""
+    def run(code: str, isa: str, *args) -> str:
+        probe = "\nimport pyeff._ext as _isa_probe\nprint('pyeff-cpu-isa', _isa_probe.cpu_isa())\n"
+        out = subprocess.run([sys.executable, "-c", code + probe, *map(str, args)], capture_output=True, text=True,
+                             env={**os.environ, "PYEFF_CPU_ISA": isa})
+        assert out.returncode == 0, out.stderr
+        ran = out.stdout.split("pyeff-cpu-isa")[-1].strip()
+        assert ran == min(isa, machine_isa, key=ISAS.index), (isa, machine_isa, ran)
+        return ran
+
+    return run

@@ -11,9 +11,6 @@
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -253,7 +250,7 @@ def test_custom_op_passes_opcheck():
     torch.library.opcheck(ADAGRAD.overload("cpu"), args, test_utils=("test_schema", "test_faketensor"))
 
 
-def test_lower_isa_variants_agree(tmp_path):
+def test_lower_isa_variants_agree(tmp_path, run_with_isa):
     # Every per-ISA build computes the same bits (same operations, no contraction), dense and sparse.
     code = """
 import sys, warnings, torch, pyeff
@@ -269,7 +266,7 @@ torch.save(ps + ss, sys.argv[1])
     outs = []
     for isa in ("avx512", "avx2", "default"):
         path = tmp_path / f"{isa}.pt"
-        subprocess.run([sys.executable, "-c", code, path], check=True, env={**os.environ, "PYEFF_CPU_ISA": isa})
+        run_with_isa(code, isa, path)
         outs.append(torch.load(path))
     for other in outs[1:]:
         for a, b in zip(outs[0], other):

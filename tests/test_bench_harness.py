@@ -29,3 +29,14 @@ def test_rows_give_ratio_of_medians_and_median_of_paired_ratios():
     assert rows["k"].vs_best_torch == pytest.approx(1.8 / 2.2)
     assert rows["k"].gbps == pytest.approx(10 * 4 / 2.2 / 1e9)
     assert "paired_pct_ceiling" not in rows[bench.CEILING].extra
+
+
+def test_bench_help_lists_every_suite():
+    import subprocess
+
+    from pyeff.cli import suites
+
+    out = subprocess.run([sys.executable, "-m", "pyeff", "bench", "--help"], capture_output=True, text=True, check=True)
+    listed = out.stdout.split("suites:", 1)[1]
+    names = [line.split()[0] for line in listed.splitlines() if line.startswith("  ") and not line.startswith("   ")]
+    assert names == list(suites()) and "sgd" in names

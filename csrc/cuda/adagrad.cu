@@ -8,10 +8,8 @@
 
 #include "adagrad.h"
 #include "adagrad_math.h"
-#include "cuda/elementwise.cuh"
+#include "cuda/param_io.cuh"
 #include "cuda/steps.cuh"
-#include "low_precision_math.h"
-#include "optimizer_types.h"
 
 namespace pyeff::cuda {
 namespace {
@@ -52,11 +50,9 @@ struct AdagradChunk {
   static constexpr int kW = kVec<P>;
 
   struct Ptrs {
-    P* param;
+    ParamIo<P, MODE> param;
     const G* grad;
     S* sum;
-    float* master;
-    P* comp;
   };
 
   // W consecutive elements: the parameter's (and its state's) from i, the gradient's from gi.
@@ -64,11 +60,7 @@ struct AdagradChunk {
   C10_DEVICE static void update(const Ptrs& q, int64_t i, int64_t gi, const AdagradHyper& h,
                                 const AdagradCoef<Acc>& c) {
     Acc p[W], g[W], s[W], old[W];
-    if constexpr (MODE == PrecisionMode::MASTER) {
-      load<W>(q.master, i, p);
-    } else {
-      load<W>(q.param, i, p);
-    }
+    q.param.template load<W>(i, p);
     load<W>(q.grad, gi, g);
     load<W>(q.sum, i, s);
 #pragma unroll
@@ -77,19 +69,7 @@ struct AdagradChunk {
       adagrad_math<SPARSE>(h, c, p[k], g[k], s[k]);
     }
     store<W>(q.sum, i, s);
-    if constexpr (MODE == PrecisionMode::MASTER) {
-      store<W>(q.master, i, p);
-      store<W>(q.param, i, p);
-    } else if constexpr (MODE == PrecisionMode::KAHAN) {
-      Acc comp[W], r[W];
-      load<W>(q.comp, i, comp);
-#pragma unroll
-      for (int k = 0; k < W; ++k) compensated_store(old[k], p[k], comp[k], r[k], RoundTo<P>());
-      store<W>(q.param, i, r);
-      store<W>(q.comp, i, comp);
-    } else {
-      store<W>(q.param, i, p);
-    }
+    q.param.template store<W>(i, p, old);
   }
 
   C10_DEVICE void operator()(const AdagradEntry& e, int64_t begin, int64_t end, const AdagradScalars& s) const {
@@ -99,8 +79,8 @@ struct AdagradChunk {
     const double step = read_scalar(e.step, s.step_is_double) + 1;
     const AdagradCoef<Acc> c =
         adagrad_coef<Acc, Acc>(h, lr, step, s.grad_mult != nullptr ? Acc(*s.grad_mult) : Acc(1));
-    const Ptrs q{static_cast<P*>(e.param), static_cast<const G*>(e.grad), static_cast<S*>(e.sum), e.master,
-                 static_cast<P*>(e.compensation)};
+    const Ptrs q{{static_cast<P*>(e.param), e.master, static_cast<P*>(e.compensation)}, static_cast<const G*>(e.grad),
+                 static_cast<S*>(e.sum)};
     if (e.indices != nullptr) {  // a sparse gradient: element j of the values, row by row
       for (int64_t j = begin + threadIdx.x; j < end; j += blockDim.x) {
         const int64_t row = j / e.row_numel;
@@ -114,10 +94,8 @@ struct AdagradChunk {
       }
       return;
     }
-    const bool aligned = is_aligned<kW>(q.param + begin) && is_aligned<kW>(q.grad + begin) &&
-                         is_aligned<kW>(q.sum + begin) &&
-                         (MODE != PrecisionMode::MASTER || is_aligned<kW>(q.master + begin)) &&
-                         (MODE != PrecisionMode::KAHAN || is_aligned<kW>(q.comp + begin));
+    const bool aligned = q.param.offset(begin).template aligned<kW>() && is_aligned<kW>(q.grad + begin) &&
+                         is_aligned<kW>(q.sum + begin);
     int64_t i = begin;
     if (aligned) {
       const int64_t groups = (end - begin) / kW;

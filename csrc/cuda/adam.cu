@@ -7,10 +7,8 @@
 
 #include "adam.h"
 #include "adam_math.h"
-#include "cuda/elementwise.cuh"
+#include "cuda/param_io.cuh"
 #include "cuda/steps.cuh"
-#include "low_precision_math.h"
-#include "optimizer_types.h"
 
 namespace pyeff::cuda {
 namespace {
@@ -48,24 +46,18 @@ struct AdamChunk {
   static constexpr int kW = kVec<P>;
 
   struct Ptrs {
-    P* param;
+    ParamIo<P, MODE> param;
     const G* grad;
     M* exp_avg;
     M* exp_avg_sq;
     M* max_sq;
-    float* master;
-    P* comp;
   };
 
   // W consecutive elements from i: load, update (csrc/adam_math.h), store.
   template <int W>
   C10_DEVICE static void update(const Ptrs& q, int64_t i, const AdamHyper& h, const AdamCoef<Acc>& c) {
     Acc p[W], g[W], m[W], v[W], x[W] = {}, old[W];
-    if constexpr (MODE == PrecisionMode::MASTER) {
-      load<W>(q.master, i, p);
-    } else {
-      load<W>(q.param, i, p);
-    }
+    q.param.template load<W>(i, p);
     load<W>(q.grad, i, g);
     load<W>(q.exp_avg, i, m);
     load<W>(q.exp_avg_sq, i, v);
@@ -78,19 +70,7 @@ struct AdamChunk {
     store<W>(q.exp_avg, i, m);
     store<W>(q.exp_avg_sq, i, v);
     if (h.amsgrad) store<W>(q.max_sq, i, x);
-    if constexpr (MODE == PrecisionMode::MASTER) {
-      store<W>(q.master, i, p);
-      store<W>(q.param, i, p);
-    } else if constexpr (MODE == PrecisionMode::KAHAN) {
-      Acc comp[W], r[W];
-      load<W>(q.comp, i, comp);
-#pragma unroll
-      for (int k = 0; k < W; ++k) compensated_store(old[k], p[k], comp[k], r[k], RoundTo<P>());
-      store<W>(q.param, i, r);
-      store<W>(q.comp, i, comp);
-    } else {
-      store<W>(q.param, i, p);
-    }
+    q.param.template store<W>(i, p, old);
   }
 
   C10_DEVICE void operator()(const AdamEntry& e, int64_t begin, int64_t end, const AdamScalars& s) const {
@@ -99,18 +79,14 @@ struct AdamChunk {
     const double lr = s.lr_tensor != nullptr ? read_scalar(s.lr_tensor, s.lr_is_double) : s.lr;
     const double step = read_scalar(e.step, s.step_is_double) + 1;
     const AdamCoef<Acc> c = adam_coef<Acc, Acc>(h, lr, step, s.grad_mult != nullptr ? Acc(*s.grad_mult) : Acc(1));
-    const Ptrs q{static_cast<P*>(e.param) + begin,
+    const Ptrs q{ParamIo<P, MODE>{static_cast<P*>(e.param), e.master, static_cast<P*>(e.compensation)}.offset(begin),
                  static_cast<const G*>(e.grad) + begin,
                  static_cast<M*>(e.exp_avg) + begin,
                  static_cast<M*>(e.exp_avg_sq) + begin,
-                 h.amsgrad ? static_cast<M*>(e.max_exp_avg_sq) + begin : nullptr,
-                 MODE == PrecisionMode::MASTER ? e.master + begin : nullptr,
-                 MODE == PrecisionMode::KAHAN ? static_cast<P*>(e.compensation) + begin : nullptr};
+                 h.amsgrad ? static_cast<M*>(e.max_exp_avg_sq) + begin : nullptr};
     const int64_t n = end - begin;
-    const bool aligned = is_aligned<kW>(q.param) && is_aligned<kW>(q.grad) && is_aligned<kW>(q.exp_avg) &&
-                         is_aligned<kW>(q.exp_avg_sq) && (!h.amsgrad || is_aligned<kW>(q.max_sq)) &&
-                         (MODE != PrecisionMode::MASTER || is_aligned<kW>(q.master)) &&
-                         (MODE != PrecisionMode::KAHAN || is_aligned<kW>(q.comp));
+    const bool aligned = q.param.template aligned<kW>() && is_aligned<kW>(q.grad) && is_aligned<kW>(q.exp_avg) &&
+                         is_aligned<kW>(q.exp_avg_sq) && (!h.amsgrad || is_aligned<kW>(q.max_sq));
     int64_t i = 0;
     if (aligned) {
       const int64_t groups = n / kW;

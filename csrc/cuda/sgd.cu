@@ -5,9 +5,7 @@
 #include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 
-#include "cuda/elementwise.cuh"
-#include "low_precision_math.h"
-#include "optimizer_types.h"
+#include "cuda/param_io.cuh"
 #include "sgd.h"
 #include "sgd_math.h"
 
@@ -43,44 +41,21 @@ struct SgdChunk {
   using B = state_t<P, MODE>;
   static constexpr int kW = kVec<P>;
 
-  struct Ptrs {
-    P* param;
-    const G* grad;
-    B* buf;
-    float* master;
-    P* comp;
-  };
-
   // W consecutive elements from i: load, update (csrc/sgd_math.h), store.
   template <int W>
-  C10_DEVICE static void update(const Ptrs& q, int64_t i, const SgdHyper& h, const SgdCoef<Acc>& c, bool first) {
+  C10_DEVICE static void update(const ParamIo<P, MODE>& param, const G* grad, B* buf, int64_t i, const SgdHyper& h,
+                                const SgdCoef<Acc>& c, bool first) {
     Acc p[W], g[W], b[W] = {}, old[W];
-    if constexpr (MODE == PrecisionMode::MASTER) {
-      load<W>(q.master, i, p);
-    } else {
-      load<W>(q.param, i, p);
-    }
-    load<W>(q.grad, i, g);
-    if (h.momentum != 0 && !first) load<W>(q.buf, i, b);
+    param.template load<W>(i, p);
+    load<W>(grad, i, g);
+    if (h.momentum != 0 && !first) load<W>(buf, i, b);
 #pragma unroll
     for (int k = 0; k < W; ++k) {
       old[k] = p[k];
       sgd_math(h, c, first, p[k], g[k], b[k]);
     }
-    if (h.momentum != 0) store<W>(q.buf, i, b);
-    if constexpr (MODE == PrecisionMode::MASTER) {
-      store<W>(q.master, i, p);
-      store<W>(q.param, i, p);
-    } else if constexpr (MODE == PrecisionMode::KAHAN) {
-      Acc comp[W], r[W];
-      load<W>(q.comp, i, comp);
-#pragma unroll
-      for (int k = 0; k < W; ++k) compensated_store(old[k], p[k], comp[k], r[k], RoundTo<P>());
-      store<W>(q.param, i, r);
-      store<W>(q.comp, i, comp);
-    } else {
-      store<W>(q.param, i, p);
-    }
+    if (h.momentum != 0) store<W>(buf, i, b);
+    param.template store<W>(i, p, old);
   }
 
   C10_DEVICE void operator()(const SgdEntry& e, int64_t begin, int64_t end, const SgdScalars& s) const {
@@ -88,23 +63,22 @@ struct SgdChunk {
     const SgdHyper& h = s.hyper;
     const double lr = s.lr_tensor != nullptr ? read_scalar(s.lr_tensor, s.lr_is_double) : s.lr;
     const SgdCoef<Acc> c = sgd_coef<Acc, Acc>(h, lr, s.grad_mult != nullptr ? Acc(*s.grad_mult) : Acc(1));
-    const Ptrs q{static_cast<P*>(e.param) + begin,
-                 static_cast<const G*>(e.grad) + begin,
-                 h.momentum != 0 ? static_cast<B*>(e.momentum_buffer) + begin : nullptr,
-                 MODE == PrecisionMode::MASTER ? e.master + begin : nullptr,
-                 MODE == PrecisionMode::KAHAN ? static_cast<P*>(e.compensation) + begin : nullptr};
+    const auto param = ParamIo<P, MODE>{static_cast<P*>(e.param), e.master, static_cast<P*>(e.compensation)}.offset(
+        begin);
+    const G* grad = static_cast<const G*>(e.grad) + begin;
+    B* buf = h.momentum != 0 ? static_cast<B*>(e.momentum_buffer) + begin : nullptr;
     const int64_t n = end - begin;
-    const bool aligned = is_aligned<kW>(q.param) && is_aligned<kW>(q.grad) &&
-                         (h.momentum == 0 || is_aligned<kW>(q.buf)) &&
-                         (MODE != PrecisionMode::MASTER || is_aligned<kW>(q.master)) &&
-                         (MODE != PrecisionMode::KAHAN || is_aligned<kW>(q.comp));
+    const bool aligned =
+        param.template aligned<kW>() && is_aligned<kW>(grad) && (buf == nullptr || is_aligned<kW>(buf));
     int64_t i = 0;
     if (aligned) {
       const int64_t groups = n / kW;
-      for (int64_t k = threadIdx.x; k < groups; k += blockDim.x) update<kW>(q, k * kW, h, c, e.first_step);
+      for (int64_t k = threadIdx.x; k < groups; k += blockDim.x) {
+        update<kW>(param, grad, buf, k * kW, h, c, e.first_step);
+      }
       i = groups * kW;
     }
-    for (i += threadIdx.x; i < n; i += blockDim.x) update<1>(q, i, h, c, e.first_step);
+    for (i += threadIdx.x; i < n; i += blockDim.x) update<1>(param, grad, buf, i, h, c, e.first_step);
   }
 };
 

@@ -1,6 +1,6 @@
 """The fused mixed-precision step: loss-scale unscaling and overflow skip inside the update,
 pyeff.amp.GradScaler, fused clipping (max_grad_norm), fp32 master weights, compensated summation;
-every test runs for each optimizer of OPTIMIZERS."""
+every test runs for each optimizer of OPTIMIZERS (tests/optimizers.py)."""
 
 from __future__ import annotations
 
@@ -9,36 +9,11 @@ import io
 
 import pytest
 import torch
+from optimizers import OPTIMIZERS
 
 import pyeff
 
 SCALERS = {"torch": torch.amp.GradScaler, "pyeff": pyeff.amp.GradScaler}
-
-
-class Optim:
-    """One optimizer under test: its torch and pyeff classes, arguments that exercise its state
-    (`kwargs`), a learning rate whose updates bf16 parameters round away (`small_lr`), arguments
-    that train the test model (`train`), and the state it keeps per parameter beside `step`."""
-
-    def __init__(self, torch_cls, pyeff_cls, kwargs, small_lr, train, state_keys):
-        self.torch_cls, self.pyeff_cls, self.kwargs = torch_cls, pyeff_cls, kwargs
-        self.small_lr, self.train, self.state_keys = small_lr, train, state_keys
-
-    def torch(self, params, **extra):
-        return self.torch_cls(params, **{**self.kwargs, **extra})
-
-    def pyeff(self, params, **extra):
-        return self.pyeff_cls(params, **{**self.kwargs, **extra})
-
-
-OPTIMIZERS = {
-    "adamw": Optim(torch.optim.AdamW, pyeff.optim.AdamW, dict(lr=1e-2, amsgrad=True), small_lr=1e-4,
-                   train=dict(lr=3e-3), state_keys=("exp_avg", "exp_avg_sq", "max_exp_avg_sq")),
-    "adagrad": Optim(torch.optim.Adagrad, pyeff.optim.Adagrad, dict(lr=1e-2, lr_decay=0.01), small_lr=1e-3,
-                     train=dict(lr=0.05), state_keys=("sum",)),
-    "sgd": Optim(torch.optim.SGD, pyeff.optim.SGD, dict(lr=1e-2, momentum=0.9, nesterov=True, weight_decay=1e-3),
-                 small_lr=1e-4, train=dict(lr=0.05, momentum=0.9), state_keys=("momentum_buffer",)),
-}
 
 
 def _model(dtype=torch.float32, seed=0):

@@ -4,10 +4,10 @@
   modes, momentum buffers taking their first step beside older ones, sizes that are no multiple of
   any vector width) with poisoned outputs, a hypothesis property test, and a table of bad inputs
   that must raise before anything is written;
-- optimizer level: parity with torch.optim.SGD on PyTorch's own optimizer test inputs (optim_db)
-  and their error inputs, state and checkpoints both ways, schedulers, closures, parameter groups,
-  bad steps that raise before any write. The mixed-precision step is tested with the other
-  optimizers' in test_amp.py.
+- optimizer level: torch's errors, SGD's state (momentum buffers created at a parameter's first
+  step, none without momentum), momentum turned on later, parameter groups added later. What
+  every optimizer shares with its torch twin is tested in test_optimizers.py (optim_db parity and
+  error inputs, checkpoints both ways, bad steps), the mixed-precision step in test_amp.py.
 """
 
 from __future__ import annotations
@@ -18,15 +18,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.testing._internal.common_optimizers import OptimizerErrorEnum, optim_db
+from optimizers import assert_optimizers_match, make_params, pair, set_grads, train
 
 import pyeff
 from pyeff.ops import OPS
 from pyeff.ops.sgd import SGD, sgd_step
-
-SGD_INFO = next(info for info in optim_db if info.optim_cls is torch.optim.SGD)
-OPTIM_INPUTS = SGD_INFO.optim_inputs_func(device="cpu")
-ERROR_INPUTS = SGD_INFO.optim_error_inputs_func(device="cpu", dtype=torch.float32)
 
 BACKENDS = [b for b in OPS["sgd_step"].backends() if b != "reference" and
             pyeff.ops.backend_usable(b, torch.device("cpu")) is None]
@@ -35,9 +31,6 @@ SIZES = (1, 3, 31, 33, 100, 1000, 40_001)
 # Backend vs reference: the same operations in the same order; 1 ulp of the stored dtype.
 OP_TOL = {torch.float32: dict(rtol=1e-6, atol=1e-7), torch.float64: dict(rtol=1e-13, atol=1e-15),
           torch.bfloat16: dict(rtol=1.6e-2, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=1e-5)}
-# pyeff.optim.SGD vs torch.optim.SGD after several steps: torch's add_(alpha=) may contract a
-# multiply-add into one rounding, pyeff rounds each operation.
-PARITY = {torch.float32: dict(rtol=2e-5, atol=1e-7), torch.float64: dict(rtol=1e-10, atol=1e-14)}
 LISTS = ("params", "grads", "momentum_buffers", "is_first_step", "master_params", "compensations")
 
 
@@ -259,86 +252,7 @@ def test_bad_op_inputs_raise_before_writing(backend, what, mutate, match):
                 assert torch.equal(a, b), key
 
 
-# ------------------------------------------------------------------------- optimizer: torch parity
-
-SHAPES = [(5, 3), (7,), (1,), (2, 3, 4), (1000,)]
-
-
-def _make_params(dtype, shapes=SHAPES, seed=0, complex_too=False):
-    gen = torch.Generator().manual_seed(seed)
-    ps = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
-    if complex_too:
-        ps.append(torch.randn(4, 3, generator=gen, dtype=dtype).to(torch.complex64 if dtype == torch.float32
-                                                                   else torch.complex128))
-    return ps
-
-
-def _pair(params, torch_kwargs, pyeff_kwargs=None):
-    a = [torch.nn.Parameter(p.clone()) for p in params]
-    b = [torch.nn.Parameter(p.clone()) for p in params]
-    kw_b = copy.deepcopy(torch_kwargs if pyeff_kwargs is None else pyeff_kwargs)
-    return a, b, torch.optim.SGD(a, **copy.deepcopy(torch_kwargs)), pyeff.optim.SGD(b, **kw_b)
-
-
-def _set_grads(seed, *param_lists):
-    gen = torch.Generator().manual_seed(seed)
-    grads = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in param_lists[0]]
-    for ps in param_lists:
-        for p, g in zip(ps, grads):
-            p.grad = g.clone()
-
-
-def _train(params, opt, steps, seed):
-    for step in range(steps):
-        _set_grads(seed + step, params)
-        opt.step()
-
-
-def _assert_optimizers_match(a, b, opt_a, opt_b, dtype):
-    """Parameters close, and the same state layout (keys, dtypes), values close."""
-    for i, (x, y) in enumerate(zip(a, b)):
-        torch.testing.assert_close(y.detach(), x.detach(), **PARITY[dtype], msg=lambda m, i=i: f"param {i}: {m}")
-    sa, sb = opt_a.state_dict()["state"], opt_b.state_dict()["state"]
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert sa[k].keys() == sb[k].keys(), (k, sa[k].keys(), sb[k].keys())
-        for key in sa[k]:
-            assert sa[k][key].dtype == sb[k][key].dtype
-            torch.testing.assert_close(sb[k][key], sa[k][key], **PARITY[dtype], msg=lambda m, k=k: f"{k}: {m}")
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-@pytest.mark.parametrize("optim_input", OPTIM_INPUTS, ids=[o.desc for o in OPTIM_INPUTS])
-@pytest.mark.parametrize("impl", [{}, {"foreach": True}, {"fused": True}], ids=["default", "foreach", "fused"])
-def test_parity_with_torch_on_optim_db_inputs(dtype, optim_input, impl):
-    kwargs = {**optim_input.kwargs, **impl}
-    a, b, opt_a, opt_b = _pair(_make_params(dtype, complex_too=not impl.get("fused")), kwargs)
-    for step in range(12):
-        _set_grads(step, a, b)
-        opt_a.step()
-        opt_b.step()
-    _assert_optimizers_match(a, b, opt_a, opt_b, dtype)
-    ga, gb = opt_a.state_dict()["param_groups"][0], opt_b.state_dict()["param_groups"][0]
-    assert {k: v for k, v in gb.items() if k in ga} == ga  # torch's keys and values, plus pyeff's extras
-
-
-@pytest.mark.parametrize("error_input", ERROR_INPUTS, ids=[e.optimizer_error_input.desc for e in ERROR_INPUTS])
-def test_error_inputs_raise_like_torch(error_input):
-    inp = error_input.optimizer_error_input
-    for cls in (torch.optim.SGD, pyeff.optim.SGD):
-        params = inp.params if inp.params is not None else [torch.nn.Parameter(torch.randn(2, 2))]
-        if error_input.error_on == OptimizerErrorEnum.CONSTRUCTION_ERROR:
-            if issubclass(error_input.error_type, Warning):
-                with pytest.warns(error_input.error_type, match=error_input.error_regex):
-                    cls(params, **inp.kwargs)
-            else:
-                with pytest.raises(error_input.error_type, match=error_input.error_regex):
-                    cls(params, **inp.kwargs)
-        else:
-            opt = cls(params, **inp.kwargs)
-            with pytest.raises(error_input.error_type, match=error_input.error_regex):
-                opt.step()
-
+# ------------------------------------------------------------------------------------- optimizer
 
 CONSTRUCTOR_ERRORS = [
     (dict(lr=-1.0), ValueError, "Invalid learning rate: -1.0"),
@@ -363,35 +277,22 @@ def test_constructor_errors_match_torch(kwargs, error, regex):
             cls([torch.nn.Parameter(torch.randn(3))], **kwargs)
 
 
-@pytest.mark.parametrize("kwargs,error,regex", [
-    (dict(max_grad_norm=0.0), ValueError, "Invalid max_grad_norm value: 0.0"),
-    (dict(backend="gpu"), ValueError, "Invalid backend: 'gpu'"),
-    (dict(master_weights=True, kahan_summation=True), RuntimeError, "`master_weights` and `kahan_summation`"),
-    (dict(differentiable=True, master_weights=True), RuntimeError, "`differentiable` does not support"),
-])
-def test_extra_argument_errors(kwargs, error, regex):
-    with pytest.raises(error, match=regex):
-        pyeff.optim.SGD([torch.nn.Parameter(torch.randn(3))], **kwargs)
-
-
-def test_defaults_match_torch():
-    p = [torch.nn.Parameter(torch.randn(3))]
-    ta, pa = torch.optim.SGD(p).defaults, pyeff.optim.SGD(p).defaults
-    assert {k: v for k, v in pa.items() if k in ta} == ta
+def _pair(params, torch_kwargs):
+    return pair(torch.optim.SGD, pyeff.optim.SGD, params, torch_kwargs)
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_state_is_created_like_torch(momentum):
     # No state before the first step; then a momentum_buffer per parameter with a gradient, equal
     # to its first (decayed) gradient; without momentum no state at all.
-    a, b, opt_a, opt_b = _pair(_make_params(torch.float32), dict(lr=0.1, momentum=momentum, weight_decay=0.1))
+    a, b, opt_a, opt_b = _pair(make_params(torch.float32), dict(lr=0.1, momentum=momentum, weight_decay=0.1))
     assert opt_a.state_dict()["state"] == opt_b.state_dict()["state"] == {}
-    _set_grads(0, a, b)
+    set_grads(0, a, b)
     a[1].grad = b[1].grad = None
     before = [p.detach().clone() for p in b]
     opt_a.step()
     opt_b.step()
-    _assert_optimizers_match(a, b, opt_a, opt_b, torch.float32)
+    assert_optimizers_match(a, b, opt_a, opt_b, torch.float32)
     assert set(opt_b.state_dict()["state"]) == ({0, 2, 3, 4} if momentum else set())
     if momentum:
         for i in (0, 2, 3, 4):
@@ -399,60 +300,18 @@ def test_state_is_created_like_torch(momentum):
             assert opt_b.state[b[i]]["momentum_buffer"].stride() == b[i].stride()
 
 
-@pytest.mark.parametrize("direction", ["pyeff_to_torch", "torch_to_pyeff"])
-@pytest.mark.parametrize("kwargs", [dict(lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=True),
-                                    dict(lr=torch.tensor(0.05), momentum=0.8, dampening=0.2, maximize=True),
-                                    dict(lr=0.1)], ids=["nesterov", "tensor-lr-dampening", "no-momentum"])
-def test_checkpoint_moves_both_ways_and_training_continues_identically(direction, kwargs, tmp_path):
-    params = _make_params(torch.float32, complex_too=True)
-    src_cls, dst_cls = ((pyeff.optim.SGD, torch.optim.SGD) if direction == "pyeff_to_torch"
-                        else (torch.optim.SGD, pyeff.optim.SGD))
-    src = [torch.nn.Parameter(p.clone()) for p in params]
-    opt_src = src_cls(src, **copy.deepcopy(kwargs))
-    _train(src, opt_src, 4, seed=0)
-    torch.save({"params": [p.detach() for p in src], "opt": opt_src.state_dict()}, tmp_path / "ckpt.pt")
-
-    ckpt = torch.load(tmp_path / "ckpt.pt")
-    dst = [torch.nn.Parameter(p.clone()) for p in ckpt["params"]]
-    opt_dst = dst_cls(dst, **copy.deepcopy(kwargs))
-    opt_dst.load_state_dict(ckpt["opt"])
-    _train(src, opt_src, 5, seed=100)
-    _train(dst, opt_dst, 5, seed=100)
-    a, b, opt_a, opt_b = ((dst, src, opt_dst, opt_src) if dst_cls is torch.optim.SGD
-                          else (src, dst, opt_src, opt_dst))
-    _assert_optimizers_match(a, b, opt_a, opt_b, torch.float32)
-
-
 def test_momentum_turned_on_after_a_checkpoint_without_it():
     # A checkpoint trained without momentum has no buffers: the first step with momentum creates
     # them from the gradient, as torch does.
-    params = _make_params(torch.float32)
+    params = make_params(torch.float32)
     a, b, opt_a, opt_b = _pair(params, dict(lr=0.1))
-    _train(a, opt_a, 2, seed=0)
-    _train(b, opt_b, 2, seed=0)
+    train(a, opt_a, 2, seed=0)
+    train(b, opt_b, 2, seed=0)
     for opt in (opt_a, opt_b):
         opt.param_groups[0]["momentum"] = 0.9
-    _train(a, opt_a, 3, seed=10)
-    _train(b, opt_b, 3, seed=10)
-    _assert_optimizers_match(a, b, opt_a, opt_b, torch.float32)
-
-
-def test_lr_scheduler_closure_zero_grad_and_params_without_grads():
-    a, b, opt_a, opt_b = _pair(_make_params(torch.float32), dict(lr=0.1, momentum=0.9))
-    sched_a = torch.optim.lr_scheduler.StepLR(opt_a, step_size=2, gamma=0.5)
-    sched_b = torch.optim.lr_scheduler.StepLR(opt_b, step_size=2, gamma=0.5)
-    for step in range(6):
-        _set_grads(step, a, b)
-        a[1].grad = b[1].grad = None  # a parameter without a gradient is skipped, it gets no buffer
-        loss_a = opt_a.step(lambda: torch.tensor(1.0))
-        loss_b = opt_b.step(lambda: torch.tensor(1.0))
-        assert loss_a == loss_b
-        sched_a.step()
-        sched_b.step()
-        opt_a.zero_grad()
-        opt_b.zero_grad()
-    _assert_optimizers_match(a, b, opt_a, opt_b, torch.float32)
-    assert b[1] not in opt_b.state
+    train(a, opt_a, 3, seed=10)
+    train(b, opt_b, 3, seed=10)
+    assert_optimizers_match(a, b, opt_a, opt_b, torch.float32)
 
 
 def test_add_param_group_starts_its_own_momentum():
@@ -470,94 +329,4 @@ def test_add_param_group_starts_its_own_momentum():
             opt.zero_grad()
             torch.nn.functional.mse_loss(model(x), y).backward()
             opt.step()
-    _assert_optimizers_match(list(model_t.parameters()), list(model_p.parameters()), ot, op, torch.float32)
-
-
-def test_differentiable_runs_torchs_implementation():
-    # Non-leaf parameters (as torch's differentiable tests use): the update is recorded by autograd.
-    leaves = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in [(3,), (2, 2)]]
-    a, b = [w.clone() for w in leaves], [w.clone() for w in leaves]
-    opt_a = torch.optim.SGD(a, lr=0.1, momentum=0.9, differentiable=True)
-    opt_b = pyeff.optim.SGD(b, lr=0.1, momentum=0.9, differentiable=True)
-    for step in range(3):
-        _set_grads(step, a, b)
-        opt_a.step()
-        opt_b.step()
-    _assert_optimizers_match(a, b, opt_a, opt_b, torch.float64)
-    assert b[0].grad_fn is not None
-    torch.autograd.grad(sum(p.sum() for p in b), leaves)
-
-
-def test_zero_size_and_non_contiguous_parameters():
-    base_a = torch.randn(8, 9)
-    base_b = base_a.clone()
-    pa = [torch.nn.Parameter(torch.randn(0)), torch.nn.Parameter(base_a.t()), torch.nn.Parameter(torch.randn(4, 10))]
-    pb = [torch.nn.Parameter(pa[0].detach().clone()), torch.nn.Parameter(base_b.t()),
-          torch.nn.Parameter(pa[2].detach().clone())]
-    opt_a = torch.optim.SGD(pa, lr=0.1, momentum=0.9, weight_decay=0.1)
-    opt_b = pyeff.optim.SGD(pb, lr=0.1, momentum=0.9, weight_decay=0.1)
-    for step in range(3):
-        _set_grads(step, pa, pb)
-        pa[2].grad = pa[2].grad.t().contiguous().t()  # a gradient in another layout than its parameter
-        pb[2].grad = pb[2].grad.t().contiguous().t()
-        opt_a.step()
-        opt_b.step()
-    _assert_optimizers_match(pa, pb, opt_a, opt_b, torch.float32)
-
-
-def test_deepcopy_and_pickle_keep_the_extras():
-    opt = pyeff.optim.SGD([torch.nn.Parameter(torch.randn(3))], momentum=0.9, max_grad_norm=1.0, backend="reference")
-    copied = copy.deepcopy(opt)
-    assert copied.max_grad_norm == 1.0 and copied.backend == "reference"
-    assert copied.param_groups[0]["momentum"] == 0.9
-
-
-# -------------------------------------------------------------------------- bad steps, no writes
-
-
-def _bad_grad_dtype(params, opt):
-    params[2].grad.data = params[2].grad.data.double()  # .data bypasses the grad setter's checks
-
-
-def _bad_grad_shape(params, opt):
-    params[2].grad.data = torch.randn(3)
-
-
-def _sparse_grad(params, opt):
-    params[2].grad = torch.sparse_coo_tensor(torch.tensor([[0, 1]]), torch.randn(2, 2, 4), params[2].shape)
-
-
-def _bad_lr(params, opt):
-    opt.param_groups[1]["lr"] = -0.5  # groups can be edited after construction
-
-
-def _bad_nesterov(params, opt):
-    opt.param_groups[1]["dampening"] = 0.5
-
-
-BAD_STEPS = [
-    ("grad dtype", _bad_grad_dtype, RuntimeError, "a gradient of dtype torch.float64 for a parameter of dtype"),
-    ("grad shape", _bad_grad_shape, RuntimeError, r"a gradient of shape \(3,\) for a parameter of shape"),
-    ("sparse grad", _sparse_grad, RuntimeError, "sparse gradients are not supported by the fused step"),
-    ("lr edited", _bad_lr, ValueError, "Invalid learning rate: -0.5"),
-    ("dampening with nesterov", _bad_nesterov, ValueError, "Nesterov momentum requires a momentum and zero"),
-]
-
-
-@pytest.mark.parametrize("name,corrupt,error,regex", BAD_STEPS, ids=[b[0] for b in BAD_STEPS])
-def test_bad_step_inputs_raise_before_anything_is_written(name, corrupt, error, regex):
-    # The bad input is in the last group: nothing of the first one may be written either.
-    params = [torch.nn.Parameter(torch.randn(s)) for s in [(6,), (4, 2), (3, 2, 4)]]
-    opt = pyeff.optim.SGD([{"params": params[:1]}, {"params": params[1:], "nesterov": True}], lr=0.1, momentum=0.9)
-    _train(params, opt, 2, seed=0)
-    _set_grads(7, params)
-    corrupt(params, opt)
-    values = [p.detach().clone() for p in params]
-    state = copy.deepcopy(opt.state_dict()["state"])
-    with pytest.raises(error, match=regex):
-        opt.step()
-    for p, v in zip(params, values):
-        assert torch.equal(p.detach(), v)
-    for idx, st_before in state.items():
-        for key, value in st_before.items():
-            assert torch.equal(opt.state_dict()["state"][idx][key], value)
+    assert_optimizers_match(list(model_t.parameters()), list(model_p.parameters()), ot, op, torch.float32)

@@ -63,3 +63,20 @@ def run_with_isa(machine_isa):
         return ran
 
     return run
+
+
+@pytest.fixture
+def same_bits_on_every_isa(run_with_isa, tmp_path):
+    """check(code): run `code`, which torch.save()s a list of tensors to sys.argv[1], with each ISA
+    (run_with_isa) and assert that every run wrote the same bits."""
+    def check(code: str) -> None:
+        outs = []
+        for isa in reversed(ISAS):
+            run_with_isa(code, isa, tmp_path / f"{isa}.pt")
+            outs.append(torch.load(tmp_path / f"{isa}.pt"))
+        for other in outs[1:]:
+            assert len(other) == len(outs[0])
+            for a, b in zip(outs[0], other):
+                assert torch.equal(a, b)
+
+    return check

@@ -244,7 +244,7 @@ def test_custom_op_passes_opcheck():
     torch.library.opcheck(ADAGRAD.overload("cpu"), args, test_utils=("test_schema", "test_faketensor"))
 
 
-def test_lower_isa_variants_agree(tmp_path, run_with_isa):
+def test_lower_isa_variants_agree(same_bits_on_every_isa):
     # Every per-ISA build computes the same bits (same operations, no contraction), dense and sparse.
     code = """
 import sys, warnings, torch, pyeff
@@ -257,14 +257,7 @@ torch.ops.pyeff.adagrad_step.cpu(ps, gs, ss, [torch.zeros(()), torch.zeros(())],
     weight_decay=0.0, eps=1e-10, maximize=True, grad_mult=torch.tensor(0.5))
 torch.save(ps + ss, sys.argv[1])
 """
-    outs = []
-    for isa in ("avx512", "avx2", "default"):
-        path = tmp_path / f"{isa}.pt"
-        run_with_isa(code, isa, path)
-        outs.append(torch.load(path))
-    for other in outs[1:]:
-        for a, b in zip(outs[0], other):
-            assert torch.equal(a, b)
+    same_bits_on_every_isa(code)
 
 
 # ---------------------------------------------------------------------------------- op bad inputs

@@ -61,7 +61,7 @@ print("ok")
     assert out.stdout.strip() == "ok"
 
 
-def test_lower_isa_variants_agree(tmp_path, run_with_isa):
+def test_lower_isa_variants_agree(same_bits_on_every_isa):
     # Each per-ISA build of the kernel computes the same numbers, bit for bit (same operations).
     code = """
 import sys, torch, pyeff
@@ -72,13 +72,7 @@ torch.ops.pyeff.adam_step.cpu([p], [g], [m], [v], [], [s], [], [], lr=0.01, beta
     weight_decay=0.1, amsgrad=False, maximize=False, decoupled_weight_decay=True)
 torch.save([p, m, v], sys.argv[1])
 """
-    outs = []
-    for isa in ("avx512", "avx2", "default"):
-        run_with_isa(code, isa, tmp_path / f"{isa}.pt")
-        outs.append(torch.load(tmp_path / f"{isa}.pt"))
-    for other in outs[1:]:
-        for a, b in zip(outs[0], other):
-            assert torch.equal(a, b)
+    same_bits_on_every_isa(code)
 
 
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64") or not shutil.which("objdump")

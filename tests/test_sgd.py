@@ -184,7 +184,7 @@ def test_custom_op_passes_opcheck():
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
-def test_lower_isa_variants_agree(tmp_path, run_with_isa):
+def test_lower_isa_variants_agree(same_bits_on_every_isa):
     # Every per-ISA build computes the same bits (same operations, no contraction).
     code = """
 import sys, torch, pyeff
@@ -196,14 +196,7 @@ torch.ops.pyeff.sgd_step.cpu(ps, gs, bs, [False, True], [], [], lr=0.1, momentum
     weight_decay=0.01, nesterov=False, maximize=True, grad_mult=torch.tensor(0.5))
 torch.save(ps + bs, sys.argv[1])
 """
-    outs = []
-    for isa in ("avx512", "avx2", "default"):
-        path = tmp_path / f"{isa}.pt"
-        run_with_isa(code, isa, path)
-        outs.append(torch.load(path))
-    for other in outs[1:]:
-        for a, b in zip(outs[0], other):
-            assert torch.equal(a, b)
+    same_bits_on_every_isa(code)
 
 
 # ---------------------------------------------------------------------------------- op bad inputs

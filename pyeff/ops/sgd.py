@@ -31,7 +31,7 @@ from typing import List  # schemas: torch < 2.7 cannot read list[Tensor]
 import torch
 from torch import Tensor
 
-from ._low_precision import store_param
+from ._low_precision import committer, learning_rate_value, math_grad, store_param
 from ._multi_tensor import group_by_device_and_dtype, learning_rate, make_dense, on_device, present_or_empty
 from ._registry import Op
 
@@ -46,22 +46,13 @@ def sgd_step_reference(
     weight_decay: float, nesterov: bool, maximize: bool, grad_mult: Tensor | None = None,
     found_inf: Tensor | None = None, lr_tensor: Tensor | None = None,
 ) -> None:
-    # Decided on the device, without a sync: a skipped step writes back the old values.
-    skip = None if found_inf is None else found_inf != 0
-    # The learning rate in double, as torch.optim computes from a Python float.
-    lr = lr if lr_tensor is None else lr_tensor.to(torch.float64).reshape(())
-
-    def commit(dst: Tensor, new: Tensor) -> None:
-        dst.copy_(new if skip is None else torch.where(skip, dst, new))
-
+    commit = committer(found_inf)
+    lr = learning_rate_value(lr, lr_tensor)
+    neg_lr = -lr  # param.add_(grad, alpha=-lr): a double, rounded once to the math dtype below
     for i, param in enumerate(params):
         acc = torch.float64 if param.dtype == torch.float64 else torch.float32
         p = (master_params[i] if master_params else param).to(acc, copy=True)
-        g = grads[i].to(acc)
-        if grad_mult is not None:
-            g = g * grad_mult.to(acc)
-        if maximize:
-            g = -g  # grad = -grad
+        g = math_grad(grads[i], acc, grad_mult, maximize)  # grad = -grad if maximize
         if weight_decay != 0:
             g = g + weight_decay * p  # grad = grad.add(param, alpha=weight_decay)
         if momentum != 0:
@@ -72,8 +63,7 @@ def sgd_step_reference(
                 buf = momentum_buffers[i].to(acc) * momentum + (1 - dampening) * g
             commit(momentum_buffers[i], buf)
             g = g + momentum * buf if nesterov else buf  # grad = grad.add(buf, alpha=momentum), or buf
-        neg_lr = (-lr).to(acc) if isinstance(lr, Tensor) else -lr  # a double rounded once to the math dtype
-        p = p + neg_lr * g  # param.add_(grad, alpha=-lr)
+        p = p + (neg_lr.to(acc) if isinstance(neg_lr, Tensor) else neg_lr) * g  # param.add_(grad, alpha=-lr)
         store_param(lambda t: t.to(acc), commit, param, p, master=master_params[i] if master_params else None,
                     compensation=compensations[i] if compensations else None)
 

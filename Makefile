@@ -8,7 +8,7 @@ PINS ?= torch==2.13.0 triton==3.8.0
 TOOLS ?= "setuptools>=77" ninja numpy pytest hypothesis expecttest matplotlib
 export MAX_JOBS ?= 2
 
-.PHONY: setup build bench bench-full test clean
+.PHONY: setup build bench bench-full test cuda-build-check clean
 
 $(VENV)/.deps: Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -32,5 +32,9 @@ bench-full: build
 test: build
 	$(BIN)/python -m pytest -q
 
+# pyeff._C with its CUDA kernels, built against a CUDA torch in .venv-cuda and imported (no GPU needed)
+cuda-build-check:
+	bash scripts/cuda_build_check.sh
+
 clean:
-	rm -rf build pyeff/_C*.so *.egg-info benchmarks/out
+	rm -rf build pyeff/_C*.so *.egg-info benchmarks/out .venv-cuda

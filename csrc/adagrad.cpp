@@ -24,22 +24,10 @@ struct SparseRows {
 
 // Checks the indices (csrc/adagrad.h checked the rest), coalesces, and lays out the rows.
 SparseRows sparse_rows(size_t i, const at::Tensor& grad, const at::Tensor& param) {
-  // Indices first (torch builds sparse tensors without checking them, and coalescing an index outside
-  // the shape is undefined), then coalesce: the update is non-linear, so repeated indices must be
-  // summed first, as torch.optim.Adagrad does.
+  // Indices first (coalescing an index outside the shape is undefined), then coalesce: the update is
+  // non-linear, so repeated indices must be summed first, as torch.optim.Adagrad does.
+  check_sparse_indices_on_host(kOp, i, grad, param);
   const int64_t sparse_dim = grad.sparse_dim();
-  {
-    const at::Tensor indices = grad._indices();
-    const int64_t* idx = indices.const_data_ptr<int64_t>();
-    const int64_t s_dim = indices.stride(0), s_nnz = indices.stride(1), nnz = grad._nnz();
-    for (int64_t d = 0; d < sparse_dim; ++d) {
-      for (int64_t r = 0; r < nnz; ++r) {
-        const int64_t k = idx[d * s_dim + r * s_nnz];
-        TORCH_CHECK(k >= 0 && k < param.size(d), kOp, ": grads[", i, "] has index ", k, " in dimension ", d,
-                    ", outside its parameter's size ", param.size(d));
-      }
-    }
-  }
   const at::Tensor g = grad.is_coalesced() ? grad : grad.coalesce();
   SparseRows out;
   out.values = g._values().contiguous();
@@ -108,9 +96,22 @@ void adagrad_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   bump_versions({params, state_sums, state_steps, master_params, compensations});
 }
 
+// The checks alone, for the backends that write through raw addresses (Triton): adagrad_step.check.
+void adagrad_step_check(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
+                        at::TensorList state_steps, at::TensorList master_params, at::TensorList compensations,
+                        double, double, double weight_decay, double, bool, const std::optional<at::Tensor>& grad_mult,
+                        const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& lr_tensor) {
+  check_adagrad_step(kOp, params, grads, state_sums, state_steps, master_params, compensations, weight_decay,
+                     grad_mult, found_inf, lr_tensor);
+  for (size_t i = 0; i < grads.size(); ++i) {
+    if (grads[i].is_sparse() && grads[i].device().is_cpu()) check_sparse_indices_on_host(kOp, i, grads[i], params[i]);
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyeff, CPU, m) { m.impl("adagrad_step.cpu", &adagrad_step_cpu); }
+TORCH_LIBRARY_IMPL(pyeff, CompositeExplicitAutograd, m) { m.impl("adagrad_step.check", &adagrad_step_check); }
 
 // A sparse gradient in the list makes the dispatcher pick the SparseCPU key; same kernel.
 TORCH_LIBRARY_IMPL(pyeff, SparseCPU, m) { m.impl("adagrad_step.cpu", &adagrad_step_cpu); }

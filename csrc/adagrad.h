@@ -30,6 +30,21 @@ inline void check_sparse_grad(const char* op, size_t i, const at::Tensor& grad, 
               "] to be int64, got ", grad._indices().scalar_type());
 }
 
+// A sparse gradient's indices against its parameter's shape, read on the host (torch builds sparse
+// tensors without checking them): on the CPU only, where it costs no sync; the CUDA kernels assert.
+inline void check_sparse_indices_on_host(const char* op, size_t i, const at::Tensor& grad, const at::Tensor& param) {
+  const at::Tensor indices = grad._indices();
+  const int64_t* idx = indices.const_data_ptr<int64_t>();
+  const int64_t s_dim = indices.stride(0), s_nnz = indices.stride(1), nnz = grad._nnz();
+  for (int64_t d = 0; d < grad.sparse_dim(); ++d) {
+    for (int64_t r = 0; r < nnz; ++r) {
+      const int64_t k = idx[d * s_dim + r * s_nnz];
+      TORCH_CHECK(k >= 0 && k < param.size(d), op, ": grads[", i, "] has index ", k, " in dimension ", d,
+                  ", outside its parameter's size ", param.size(d));
+    }
+  }
+}
+
 inline AdagradInputs check_adagrad_step(const char* op, at::TensorList params, at::TensorList grads,
                                         at::TensorList state_sums, at::TensorList state_steps,
                                         at::TensorList master_params, at::TensorList compensations,

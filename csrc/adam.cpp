@@ -54,8 +54,19 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   bump_versions({params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, master_params, compensations});
 }
 
+// The checks alone, for the backends that write through raw addresses (Triton): adam_step.check.
+void adam_step_check(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                     at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
+                     at::TensorList master_params, at::TensorList compensations, double, double, double, double,
+                     double, bool amsgrad, bool, bool, const std::optional<at::Tensor>& grad_mult,
+                     const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& lr_tensor) {
+  check_adam_step(kOp, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, master_params,
+                  compensations, amsgrad, grad_mult, found_inf, lr_tensor);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyeff, CPU, m) { m.impl("adam_step.cpu", &adam_step_cpu); }
+TORCH_LIBRARY_IMPL(pyeff, CompositeExplicitAutograd, m) { m.impl("adam_step.check", &adam_step_check); }
 
 }  // namespace pyeff

@@ -28,8 +28,11 @@ void grad_stats_cpu(at::TensorList grads, const at::Tensor& out) {
   bump_versions({at::TensorList(out)});
 }
 
+void grad_stats_check(at::TensorList grads, const at::Tensor& out) { check_grad_stats(kOp, grads, out); }
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyeff, CPU, m) { m.impl("grad_stats.cpu", &grad_stats_cpu); }
+TORCH_LIBRARY_IMPL(pyeff, CompositeExplicitAutograd, m) { m.impl("grad_stats.check", &grad_stats_check); }
 
 }  // namespace pyeff

@@ -16,7 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._layout import rows as _rows
 from ._rounding import cast_rne
+
 
 @triton.jit
 def _tanh(u):
@@ -63,11 +65,12 @@ def _tile(rows, n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _bias_gelu_forward_kernel(
-    X,  # (rows, n) input, before the bias
+    X,  # (rows, n) input, before the bias, row stride stride_x
     Bias,  # (n,) read when HAS_BIAS
-    Y,  # (rows, n) gelu(x + bias)
+    Y,  # (rows, n) gelu(x + bias), contiguous
     rows,
     n,
+    stride_x,
     HAS_BIAS: tl.constexpr,
     TANH: tl.constexpr,  # approximate='tanh'
     ACC: tl.constexpr,  # tl.float32, or tl.float64 for fp64 input
@@ -75,7 +78,7 @@ def _bias_gelu_forward_kernel(
     BLOCK_N: tl.constexpr,
 ):
     r, c, mask = _tile(rows, n, BLOCK_M, BLOCK_N)
-    h = tl.load(X + r * n + c, mask=mask, other=0.0).to(ACC)
+    h = tl.load(X + r * stride_x + c, mask=mask, other=0.0).to(ACC)
     if HAS_BIAS:
         h = h + tl.load(Bias + c, mask=c < n, other=0.0).to(ACC)
     tl.store(Y + r * n + c, cast_rne(_gelu(h, TANH), Y.dtype.element_ty), mask=mask)
@@ -83,13 +86,15 @@ def _bias_gelu_forward_kernel(
 
 @triton.jit
 def _bias_gelu_backward_kernel(
-    DY,  # (rows, n) gradient of y
-    X,  # (rows, n) the forward's input
+    DY,  # (rows, n) gradient of y, row stride stride_dy
+    X,  # (rows, n) the forward's input, row stride stride_x
     Bias,  # (n,) read when HAS_BIAS
-    DX,  # (rows, n) dy * gelu'(x + bias)
+    DX,  # (rows, n) dy * gelu'(x + bias), contiguous
     DBp,  # (row tiles, n) column sums of dx per row tile, written when BIAS_GRAD
     rows,
     n,
+    stride_dy,
+    stride_x,
     HAS_BIAS: tl.constexpr,
     BIAS_GRAD: tl.constexpr,
     TANH: tl.constexpr,
@@ -98,10 +103,10 @@ def _bias_gelu_backward_kernel(
     BLOCK_N: tl.constexpr,
 ):
     r, c, mask = _tile(rows, n, BLOCK_M, BLOCK_N)
-    h = tl.load(X + r * n + c, mask=mask, other=0.0).to(ACC)
+    h = tl.load(X + r * stride_x + c, mask=mask, other=0.0).to(ACC)
     if HAS_BIAS:
         h = h + tl.load(Bias + c, mask=c < n, other=0.0).to(ACC)
-    dx = tl.load(DY + r * n + c, mask=mask, other=0.0).to(ACC) * _gelu_derivative(h, TANH)
+    dx = tl.load(DY + r * stride_dy + c, mask=mask, other=0.0).to(ACC) * _gelu_derivative(h, TANH)
     tl.store(DX + r * n + c, cast_rne(dx, DX.dtype.element_ty), mask=mask)
     if BIAS_GRAD:
         cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -130,13 +135,14 @@ def _swiglu_forward_kernel(
 
 @triton.jit
 def _swiglu_backward_kernel(
-    DY,  # (rows, n) contiguous
+    DY,  # (rows, n), row stride stride_dy
     Gate,  # (rows, n), row stride stride_gate
     Up,  # (rows, n), row stride stride_up
     DGate,  # (rows, n), row stride stride_grad
     DUp,  # (rows, n), row stride stride_grad
     rows,
     n,
+    stride_dy,
     stride_gate,
     stride_up,
     stride_grad,
@@ -147,7 +153,7 @@ def _swiglu_backward_kernel(
     r, c, mask = _tile(rows, n, BLOCK_M, BLOCK_N)
     g = tl.load(Gate + r * stride_gate + c, mask=mask, other=0.0).to(ACC)
     u = tl.load(Up + r * stride_up + c, mask=mask, other=0.0).to(ACC)
-    dy = tl.load(DY + r * n + c, mask=mask, other=0.0).to(ACC)
+    dy = tl.load(DY + r * stride_dy + c, mask=mask, other=0.0).to(ACC)
     s = _sigmoid(g)
     tl.store(DUp + r * stride_grad + c, cast_rne(dy * g * s, DUp.dtype.element_ty), mask=mask)
     tl.store(DGate + r * stride_grad + c, cast_rne(dy * u * s * (1.0 + g * (1.0 - s)), DGate.dtype.element_ty),
@@ -169,28 +175,30 @@ def _grid(rows: int, n: int, block_m: int, block_n: int) -> tuple[int, int]:
 
 
 def bias_gelu_forward(x, bias, approximate):
+    x, bias = _rows(x), bias.contiguous() if bias is not None else None
     rows, n = x.shape
-    y = torch.empty_like(x)
+    y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     if rows and n:
         bm, bn = _blocks(n)
         _bias_gelu_forward_kernel[_grid(rows, n, bm, bn)](
-            x, bias if bias is not None else x, y, rows, n, HAS_BIAS=bias is not None, TANH=approximate == "tanh",
-            ACC=_acc(x.dtype), BLOCK_M=bm, BLOCK_N=bn)
+            x, bias if bias is not None else x, y, rows, n, x.stride(0), HAS_BIAS=bias is not None,
+            TANH=approximate == "tanh", ACC=_acc(x.dtype), BLOCK_M=bm, BLOCK_N=bn)
     return y
 
 
 def bias_gelu_backward(dy, x, bias, approximate, bias_grad):
+    dy, x, bias = _rows(dy), _rows(x), bias.contiguous() if bias is not None else None
     rows, n = x.shape
     bias_dtype = bias.dtype if bias is not None else x.dtype
-    dx = torch.empty_like(x)
+    dx = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     bm, bn = _blocks(n)
     grid = _grid(rows, n, bm, bn)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     partial = torch.zeros((grid[0], n) if bias_grad else (0, 0), dtype=acc, device=x.device)
     if rows and n:
         _bias_gelu_backward_kernel[grid](
-            dy, x, bias if bias is not None else x, dx, partial if bias_grad else dx, rows, n,
-            HAS_BIAS=bias is not None, BIAS_GRAD=bias_grad, TANH=approximate == "tanh", ACC=_acc(x.dtype),
+            dy, x, bias if bias is not None else x, dx, partial if bias_grad else dx, rows, n, dy.stride(0),
+            x.stride(0), HAS_BIAS=bias is not None, BIAS_GRAD=bias_grad, TANH=approximate == "tanh", ACC=_acc(x.dtype),
             BLOCK_M=bm, BLOCK_N=bn)
     # Second stage: the row tiles' column sums added in a fixed order.
     dbias = partial.sum(0).to(bias_dtype) if bias_grad else x.new_empty(0, dtype=bias_dtype)
@@ -199,6 +207,7 @@ def bias_gelu_backward(dy, x, bias, approximate, bias_grad):
 
 def _swiglu_views(gate, up):
     """(gate, up, n) as two (rows, n) views; without `up`, the halves of the packed `gate`."""
+    gate, up = _rows(gate), _rows(up)
     if up is not None:
         return gate, up, gate.shape[1]
     n = gate.shape[1] // 2
@@ -217,12 +226,13 @@ def swiglu_forward(gate, up):
 
 
 def swiglu_backward(dy, gate, up):
+    dy = _rows(dy)
     g, u, n = _swiglu_views(gate, up)
     rows = g.shape[0]
     dgrad = gate.new_empty(rows, 2 * n)
     if rows and n:
         bm, bn = _blocks(n)
         _swiglu_backward_kernel[_grid(rows, n, bm, bn)](
-            dy, g, u, dgrad[:, :n], dgrad[:, n:], rows, n, g.stride(0), u.stride(0), dgrad.stride(0),
+            dy, g, u, dgrad[:, :n], dgrad[:, n:], rows, n, dy.stride(0), g.stride(0), u.stride(0), dgrad.stride(0),
             ACC=_acc(gate.dtype), BLOCK_M=bm, BLOCK_N=bn)
     return dgrad

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._layout import rows as _rows
 from ._rounding import cast_rne
 
 MAX_COLS = 65536  # a row must fit in one program's registers
@@ -28,15 +29,17 @@ MAX_PROGRAMS = 256  # backward programs, so partials are at most MAX_PROGRAMS x 
 
 @triton.jit
 def _norm_forward_kernel(
-    X,  # (rows, n) input
-    R,  # (rows, n) residual, read when HAS_RESIDUAL
+    X,  # (rows, n) input, row stride stride_x
+    R,  # (rows, n) residual, row stride stride_r, read when HAS_RESIDUAL
     W,  # (n,) weight, read when HAS_WEIGHT
     B,  # (n,) bias, read when HAS_BIAS
-    Y,  # (rows, n) output
-    H,  # (rows, n) x + residual, written when HAS_RESIDUAL
+    Y,  # (rows, n) output, contiguous
+    H,  # (rows, n) x + residual, contiguous, written when HAS_RESIDUAL
     Mean,  # (rows,) row means, written unless RMS
     Rstd,  # (rows,) 1 / sqrt(var + eps)
     n,  # columns
+    stride_x,
+    stride_r,
     eps,  # added to the variance (mean square for RMS)
     HAS_RESIDUAL: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
@@ -51,9 +54,9 @@ def _norm_forward_kernel(
     offs = row * n + cols
 
     # ---- h = x (+ residual, rounded to the stored dtype)
-    h = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+    h = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(ACC)
     if HAS_RESIDUAL:
-        h_stored = cast_rne(h + tl.load(R + offs, mask=mask, other=0.0).to(ACC), H.dtype.element_ty)
+        h_stored = cast_rne(h + tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(ACC), H.dtype.element_ty)
         tl.store(H + offs, h_stored, mask=mask)
         h = h_stored.to(ACC)
 
@@ -80,17 +83,20 @@ def _norm_forward_kernel(
 
 @triton.jit
 def _norm_backward_kernel(
-    DY,  # (rows, n) gradient of y
-    DH,  # (rows, n) gradient reaching the returned h directly, read when HAS_DH
-    H,  # (rows, n) what was normalized
+    DY,  # (rows, n) gradient of y, row stride stride_dy
+    DH,  # (rows, n) gradient reaching the returned h directly, row stride stride_dh, read when HAS_DH
+    H,  # (rows, n) what was normalized, row stride stride_h
     W,  # (n,) weight, read when HAS_WEIGHT
     Mean,  # (rows,) read unless RMS
     Rstd,  # (rows,)
-    DX,  # (rows, n) gradient of h
+    DX,  # (rows, n) gradient of h, contiguous
     DWp,  # (programs, n) partial sums of dy * xhat, written when PARAM_GRADS
     DBp,  # (programs, n) partial sums of dy, written when PARAM_GRADS
     rows,
     n,
+    stride_dy,
+    stride_dh,
+    stride_h,
     rows_per_program,
     HAS_DH: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
@@ -109,9 +115,8 @@ def _norm_backward_kernel(
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, rows)
     for row in range(row_start, row_end):
-        offs = row * n + cols
-        h = tl.load(H + offs, mask=mask, other=0.0).to(ACC)
-        dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
+        h = tl.load(H + row * stride_h + cols, mask=mask, other=0.0).to(ACC)
+        dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(ACC)
         rstd = tl.load(Rstd + row)
         if RMS:
             xhat = h * rstd
@@ -129,8 +134,8 @@ def _norm_backward_kernel(
             c1 = tl.sum(g, axis=0) / n
             dx = rstd * (g - (c1 + xhat * c2))
         if HAS_DH:
-            dx = dx + tl.load(DH + offs, mask=mask, other=0.0).to(ACC)
-        tl.store(DX + offs, cast_rne(dx, DX.dtype.element_ty), mask=mask)
+            dx = dx + tl.load(DH + row * stride_dh + cols, mask=mask, other=0.0).to(ACC)
+        tl.store(DX + row * n + cols, cast_rne(dx, DX.dtype.element_ty), mask=mask)
         if PARAM_GRADS:
             dw += dy * xhat
             db += dy
@@ -158,11 +163,16 @@ def _num_warps(block_n: int) -> int:
     return min(16, max(1, block_n // 256))
 
 
+def _contiguous(t):
+    return t.contiguous() if t is not None else None
+
+
 def norm_forward(x, residual, weight, bias, eps, rms):
+    x, residual, weight, bias = _rows(x), _rows(residual), _contiguous(weight), _contiguous(bias)
     rows, n = x.shape
     stats = torch.empty(rows, dtype=_stat_dtype(x.dtype), device=x.device)
-    y = torch.empty_like(x)
-    h = torch.empty_like(x) if residual is not None else x.new_empty(0)
+    y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+    h = torch.empty_like(y) if residual is not None else x.new_empty(0)
     mean = stats.new_empty(0) if rms else torch.empty_like(stats)
     if rows == 0 or n == 0:
         return y, h, mean.fill_(float("nan")), stats.fill_(float("nan"))
@@ -170,16 +180,19 @@ def norm_forward(x, residual, weight, bias, eps, rms):
     _norm_forward_kernel[(rows,)](
         x, residual if residual is not None else x, weight if weight is not None else x,
         bias if bias is not None else x, y, h if residual is not None else y, stats if rms else mean, stats, n,
-        eps, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        RMS=rms, ACC=_acc(x.dtype), BLOCK_N=block_n, num_warps=_num_warps(block_n))
+        x.stride(0), residual.stride(0) if residual is not None else 0, eps, HAS_RESIDUAL=residual is not None,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, RMS=rms, ACC=_acc(x.dtype), BLOCK_N=block_n,
+        num_warps=_num_warps(block_n))
     return y, h, mean, stats
 
 
 def norm_backward(dy, dh, h, weight, mean, rstd, rms, weight_grad, bias_grad):
+    dy, dh, h, weight = _rows(dy), _rows(dh), _rows(h), _contiguous(weight)
+    mean, rstd = _contiguous(mean), _contiguous(rstd)
     rows, n = h.shape
     acc = _stat_dtype(h.dtype)
     param_dtype = weight.dtype if weight is not None else acc
-    dx = torch.empty_like(h)
+    dx = torch.empty((rows, n), dtype=h.dtype, device=h.device)
     param_grads = weight_grad or bias_grad
     programs = max(1, min(rows, MAX_PROGRAMS))
     partial = torch.empty((2, programs, n) if param_grads else (2, 0, 0), dtype=acc, device=h.device)
@@ -191,7 +204,8 @@ def norm_backward(dy, dh, h, weight, mean, rstd, rms, weight_grad, bias_grad):
         dwp, dbp = (partial[0, :programs], partial[1, :programs]) if param_grads else (dx, dx)
         _norm_backward_kernel[(programs,)](
             dy, dh if dh is not None else dy, h, weight if weight is not None else h, mean if not rms else rstd,
-            rstd, dx, dwp, dbp, rows, n, rows_per_program, HAS_DH=dh is not None,
+            rstd, dx, dwp, dbp, rows, n, dy.stride(0), dh.stride(0) if dh is not None else 0, h.stride(0),
+            rows_per_program, HAS_DH=dh is not None,
             HAS_WEIGHT=weight is not None, PARAM_GRADS=param_grads, RMS=rms, ACC=_acc(h.dtype), BLOCK_N=block_n,
             num_warps=_num_warps(block_n))
     elif param_grads:

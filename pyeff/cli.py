@@ -20,6 +20,7 @@ def info() -> dict:
 
     import pyeff
     from pyeff import _ext
+    from pyeff.ops import OPS
     from pyeff.ops._registry import BACKENDS, backend_usable, triton_available
 
     try:
@@ -34,6 +35,10 @@ def info() -> dict:
         reasons = {str(d): backend_usable(b, d) for d in devices}
         usable = [d for d, why in reasons.items() if why is None]
         backends[b] = {"usable_on": usable, "why_not": {d: w for d, w in reasons.items() if w}}
+    # Per op: the backends it has here, and the one the automatic choice runs for each device kind.
+    kinds = ("cpu", "cuda", "meta")
+    ops = {name: {"backends": op.backends(), "runs": {k: op.choose(torch.device(k)) for k in kinds}}
+           for name, op in OPS.items()}
     return {
         "pyeff": pyeff.__version__,
         "python": platform.python_version(),
@@ -42,6 +47,7 @@ def info() -> dict:
         "triton": triton_version if triton_available() else None,
         "extension": {"built": _ext.available(), "error": _ext.load_error(), "cuda_kernels": _ext.built_with_cuda()},
         "backends": backends,
+        "ops": ops,
         "cpu": {"name": cpu_name(), "cores": os.cpu_count(), "simd": _cpu_flags(), "kernel_isa": _ext.cpu_isa(),
                 "threads": torch.get_num_threads()},
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -91,6 +97,11 @@ def print_info(as_json: bool) -> None:
             print(f"  {name:10s} usable on {', '.join(b['usable_on'])}")
         else:
             print(f"  {name:10s} not usable: {'; '.join(b['why_not'].values())}")
+    cuda_note = "" if data["gpu"] else " (no CUDA device here: what CUDA tensors would get)"
+    print(f"ops: the backends each has, and the one that runs on cpu / cuda{cuda_note} / meta tensors:")
+    for name, op in data["ops"].items():
+        runs = " / ".join(op["runs"][k] for k in ("cpu", "cuda", "meta"))
+        print(f"  {name:20s} {', '.join(op['backends']):32s} runs {runs}")
 
 
 def suites() -> dict[str, Path]:

@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# The GPU check, for a machine with an NVIDIA GPU: build against that machine's torch, run the
-# whole test suite there (the CPU tests check compatibility with its torch/Python), the GPU tests
-# (compiled Triton kernels, the CUDA memory pool) and the GPU benchmarks. Logs and results go to
-# $OUT (default ./gpu-out). Wheels in .whl/ are installed first for packages the image lacks.
+# The GPU check, for a machine with an NVIDIA GPU: build against that machine's torch, run the GPU
+# tests (the CUDA and Triton optimizer kernels, the compiled Triton layers, the CUDA memory pool)
+# and the GPU benchmarks, and in the full mode the whole CPU suite there too (compatibility with
+# that image's torch/Python). Logs and results go to $OUT (default ./gpu-out); every part prints
+# its time. Wheels in .whl/ are installed first for packages the image lacks.
 #
-#   scripts/gpu_check.sh [all|test|bench]    (test: build + tests; bench: build if needed + benchmarks)
+#   scripts/gpu_check.sh [quick|all|test|bench]
+#     quick (default): build for this GPU's architecture only, GPU tests, benchmarks in their quick
+#                      mode: under 8 minutes on one H200
+#     all: build for sm_80 and sm_90, the whole suite, the full benchmarks
+#     test / bench: one half of `all`
 #
 # After a build it records the toolchain and probes one C++ error path ($OUT/toolchain.log): on the
 # H200 image of 2026-11-28 every TORCH_CHECK failure in an earlier pyeff._C crashed (NOTE [one C++
@@ -54,7 +59,13 @@ toolchain_report() {  # what links pyeff._C, what it needs, and whether a C++ er
   $PY -c "import sys, torch, triton; print(sys.version.split()[0], torch.__version__, torch.version.cuda, triton.__version__)"
   nproc; } >"$OUT/machine.log" 2>&1
 cat "$OUT/machine.log"
-PHASE=${1:-all}
+PHASE=${1:-quick}
+case "$PHASE" in quick | all | test | bench) ;; *) echo "usage: $0 [quick|all|test|bench]" >&2; exit 2 ;; esac
+if [ "$PHASE" = quick ]; then  # compile for the GPU at hand only: half the nvcc time
+  export PYEFF_CUDA_ARCHS=${PYEFF_CUDA_ARCHS:-$($PY -c "import torch; print('%d%d' % torch.cuda.get_device_capability())")}
+  BENCH_ARGS="--quick ${BENCH_ARGS:-}"
+fi
+T0=$SECONDS
 if [ "$PHASE" != bench ] || ! $PY -c "import pyeff._C" 2>/dev/null; then
   if ! step build $PY -m pip install -v --no-build-isolation --no-deps -e .; then
     grep -E ' -shared |pyeff: ' "$OUT/build.log" | tail -n 3 >"$OUT/toolchain.log"  # the link and the probe's verdict
@@ -63,11 +74,15 @@ if [ "$PHASE" != bench ] || ! $PY -c "import pyeff._C" 2>/dev/null; then
   step toolchain toolchain_report
 fi
 $PY -m pyeff info >>"$OUT/machine.log" 2>&1
-if [ "$PHASE" != bench ]; then
+if [ "$PHASE" = all ] || [ "$PHASE" = test ]; then
   PARALLEL=$($PY -c "import xdist" 2>/dev/null && echo "-n 14")
   step tests-cpu $PY -m pytest -q $PARALLEL -m "not gpu" tests/
+fi
+if [ "$PHASE" != bench ]; then
   step tests-gpu env TRITON_INTERPRET=0 $PY -m pytest -q -m gpu tests/
 fi
 if [ "$PHASE" != test ]; then
-  step bench-gpu $PY -m pyeff bench gpu_layers ${BENCH_ARGS:-} --out "$OUT/bench"
+  step bench-optim env TRITON_INTERPRET=0 $PY -m pyeff bench optim_gpu ${BENCH_ARGS:-} --out "$OUT/bench"
+  step bench-layers env TRITON_INTERPRET=0 $PY -m pyeff bench gpu_layers gpu_pool ${BENCH_ARGS:-} --out "$OUT/bench"
 fi
+echo "== total $((SECONDS - T0)) s"

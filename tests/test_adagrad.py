@@ -18,7 +18,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from optimizers import assert_optimizers_match, make_params, pair, set_grads, train
+from _optimizers import assert_optimizers_match, make_params, pair, set_grads, train
 
 import pyeff
 from pyeff.ops import OPS
@@ -220,8 +220,8 @@ def test_found_inf_skips_everything_bitwise(backend, sparse):
     grad_mult=st.sampled_from([None, 0.5, 3.0]),
     step=st.integers(0, 1000),
 )
-def test_property_cpu_matches_reference(data, dtype_mode, n_tensors, lr, lr_decay, weight_decay, eps, maximize,
-                                        grad_mult, step):
+def test_property_backends_match_reference(data, dtype_mode, n_tensors, lr, lr_decay, weight_decay, eps, maximize,
+                                           grad_mult, step):
     dtype, mode = dtype_mode
     sizes = data.draw(st.lists(st.integers(0, 300), min_size=n_tensors, max_size=n_tensors))
     seed = data.draw(st.integers(0, 2**31 - 1))
@@ -230,12 +230,14 @@ def test_property_cpu_matches_reference(data, dtype_mode, n_tensors, lr, lr_deca
         gen = torch.Generator().manual_seed(seed)
         ref[1] = [_sparse_grad((n,), 1, data.draw(st.integers(0, 2 * n + 1)), dtype, gen) if n else g
                   for n, g in zip(sizes, ref[1])]
-    out = _clone(ref)
+    ref_before = _clone(ref)
     hyper = dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps, maximize=maximize,
                  grad_mult=None if grad_mult is None else torch.tensor(grad_mult))
     adagrad_step(*ref, **hyper, backend="reference")
-    adagrad_step(*out, **hyper, backend="cpu")
-    _assert_lists_close(out, ref, dtype)
+    for backend in BACKENDS:
+        out = _clone(ref_before)
+        adagrad_step(*out, **hyper, backend=backend)
+        _assert_lists_close(out, ref, dtype)
 
 
 def test_custom_op_passes_opcheck():

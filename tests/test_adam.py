@@ -405,26 +405,30 @@ def _clone(inputs):
     return {k: [t.clone() for t in v] for k, v in inputs.items()}
 
 
+# The compiled and Triton backends usable here (Triton through its interpreter on CPU tensors).
+OP_BACKENDS = [b for b in pyeff.ops.OPS["adam_step"].backends()
+               if b != "reference" and pyeff.ops.backend_usable(b, torch.device("cpu")) is None]
 OP_TOL = {torch.float64: dict(rtol=1e-12, atol=1e-14), torch.float32: dict(rtol=1e-5, atol=1e-6),
           torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2), torch.float16: dict(rtol=2e-3, atol=1e-3)}
 
 
-def check_backend_matches_reference(sizes, dtype, grad_dtype, mode, hp, grad_mult=None, all_change=False):
+def check_backend_matches_reference(sizes, dtype, grad_dtype, mode, hp, grad_mult=None, all_change=False,
+                                    backend="cpu"):
     inputs = _op_inputs(sizes, dtype, grad_dtype, mode, hp["amsgrad"])
     ref, got = _clone(inputs), _clone(inputs)
     if mode == "master":  # the parameter is an output only: poison it
         for p in got["params"]:
             p.fill_(float("nan"))
     adam_step(**ref, **hp, grad_mult=grad_mult, backend="reference")
-    adam_step(**got, **hp, grad_mult=grad_mult, backend="cpu")
+    adam_step(**got, **hp, grad_mult=grad_mult, backend=backend)
     for key in ref:
         for a, b in zip(ref[key], got[key]):
             assert not b.isnan().any(), key
             tol = dict(rtol=0, atol=0) if key == "state_steps" else OP_TOL[b.dtype]
             torch.testing.assert_close(b, a, **tol, msg=lambda m, key=key: f"{key}: {m}")
-    if all_change:  # every element was updated
-        for a, b in zip(inputs["params"], got["params"]):
-            assert (a != b).all()
+    if all_change:  # every element was written: one left as it was is one the reference left too
+        for before, b, r in zip(inputs["params"], got["params"], ref["params"]):
+            assert ((before != b) | (before == r)).all()
 
 
 HP = dict(lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, amsgrad=True, maximize=False,
@@ -438,27 +442,29 @@ HP = dict(lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, amsgrad=Tr
     (torch.bfloat16, torch.float32, "master"), (torch.float16, torch.bfloat16, "kahan"),
     (torch.bfloat16, torch.bfloat16, "kahan"), (torch.float32, torch.bfloat16, "plain"),
 ])
-def test_cpu_backend_matches_reference(dtype, grad_dtype, mode):
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+def test_backend_matches_reference(dtype, grad_dtype, mode, backend):
     # sizes straddle every vector width and block (8, 16, 32) and the parallel grain
     sizes = [1, 15, 17, 33, 63, 1000, 40_001]
     check_backend_matches_reference(sizes, dtype, grad_dtype, mode, HP, grad_mult=torch.tensor(0.37),
-                                    all_change=dtype in (torch.float32, torch.float64))
+                                    all_change=dtype in (torch.float32, torch.float64), backend=backend)
 
 
 def test_op_skips_everything_when_found_inf():
     inputs = _op_inputs([5, 37], torch.float32, torch.float32, "plain", True)
     got = _clone(inputs)
-    for backend in ("reference", "cpu"):
+    for backend in ("reference", *OP_BACKENDS):
         adam_step(**got, **HP, found_inf=torch.tensor(1.0), backend=backend)
         for key in inputs:
             for a, b in zip(inputs[key], got[key]):
                 assert torch.equal(a, b), (backend, key)
 
 
-def test_op_bumps_version_counters():
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+def test_op_bumps_version_counters(backend):
     inputs = _op_inputs([5, 37], torch.float32, torch.float32, "plain", True)
     versions = {k: [t._version for t in v] for k, v in inputs.items()}
-    adam_step(**inputs, **HP, backend="cpu")
+    adam_step(**inputs, **HP, backend=backend)
     for key in ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps"):
         assert all(t._version > v for t, v in zip(inputs[key], versions[key])), key
     assert all(t._version == v for t, v in zip(inputs["grads"], versions["grads"]))
@@ -478,13 +484,14 @@ BAD_OP = [
 ]
 
 
+@pytest.mark.parametrize("backend", OP_BACKENDS)
 @pytest.mark.parametrize("what,mutate,match", BAD_OP, ids=[b[0] for b in BAD_OP])
-def test_op_rejects_bad_input_before_writing(what, mutate, match):
+def test_op_rejects_bad_input_before_writing(what, mutate, match, backend):
     inputs = _op_inputs([5, 37], torch.float32, torch.float32, "plain", True)
     mutate(inputs)
     snap = _clone(inputs)
     with pytest.raises(RuntimeError, match=match):
-        torch.ops.pyeff.adam_step.cpu(*[inputs[k] for k in ("params", "grads", "exp_avgs", "exp_avg_sqs",
+        pyeff.ops.ADAM.overload(backend)(*[inputs[k] for k in ("params", "grads", "exp_avgs", "exp_avg_sqs",
                                                             "max_exp_avg_sqs", "state_steps", "master_params",
                                                             "compensations")],
                                       lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, amsgrad=True,
@@ -504,13 +511,14 @@ def test_op_rejects_bad_input_before_writing(what, mutate, match):
     weight_decay=st.sampled_from([0.0, 0.01, 0.3]), amsgrad=st.booleans(), maximize=st.booleans(),
     decoupled=st.booleans(), grad_mult=st.sampled_from([None, 0.5, 3.0]),
 )
-def test_property_cpu_matches_reference(sizes, combo, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
-                                        decoupled, grad_mult):
+def test_property_backends_match_reference(sizes, combo, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
+                                           decoupled, grad_mult):
     dtype, grad_dtype, mode = combo
     hp = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
               maximize=maximize, decoupled_weight_decay=decoupled)
-    check_backend_matches_reference(sizes, dtype, grad_dtype, mode, hp,
-                                    None if grad_mult is None else torch.tensor(grad_mult))
+    for backend in OP_BACKENDS:
+        check_backend_matches_reference(sizes, dtype, grad_dtype, mode, hp,
+                                        None if grad_mult is None else torch.tensor(grad_mult), backend=backend)
 
 
 @pytest.mark.slow
@@ -538,3 +546,46 @@ def test_custom_op_passes_opcheck():
     args += [0.01, 0.9, 0.99, 1e-8, 0.1, True, False, True, None, None, None]
     torch.library.opcheck(torch.ops.pyeff.adam_step.cpu, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+# ---------------------------------------------------------------- torch.compile, meta tensors
+
+
+@pytest.mark.parametrize("cls,kwargs", [(pyeff.optim.AdamW, dict(max_grad_norm=0.5, amsgrad=True)),
+                                        (pyeff.optim.Adagrad, dict(lr_decay=0.1))], ids=["adamw", "adagrad"])
+def test_compiling_a_function_that_calls_step(cls, kwargs):
+    # PyTorch's "compiling the optimizer" recipe, with a tensor lr as its tutorial has it.
+    torch._dynamo.reset()
+    models = [torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [cls(m.parameters(), lr=torch.tensor(0.01), **kwargs) for m in models]
+
+    @torch.compile
+    def step():
+        opts[0].step()
+
+    for _ in range(3):
+        x = torch.randn(5, 8)
+        for m in models:
+            m.zero_grad()
+            m(x).square().sum().backward()
+        step()
+        opts[1].step()
+    for a, b in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(a, b)
+    assert str(opts[0].grad_norm) == str(opts[1].grad_norm)
+
+
+@pytest.mark.parametrize("cls", [pyeff.optim.Adam, pyeff.optim.AdamW, pyeff.optim.Adagrad])
+def test_meta_parameters_take_the_reference_and_fused_raises_as_torch(cls):
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Sigmoid(), torch.nn.Linear(3, 1))
+    opt = cls(model.parameters(), max_grad_norm=1.0)
+    with torch.device("meta"):
+        for p in model.parameters():
+            p.grad = torch.rand_like(p)
+    opt.step()  # the reference, which on meta tensors computes nothing and reads nothing
+    assert opt.state[next(model.parameters())]["step"].device.type == "meta"
+    fused = cls(model.parameters(), fused=True)
+    with pytest.raises(RuntimeError, match="`fused=True` requires all the params to be floating point Tensors"):
+        fused.step()

@@ -1,6 +1,6 @@
 """The fused mixed-precision step: loss-scale unscaling and overflow skip inside the update,
 pyeff.amp.GradScaler, fused clipping (max_grad_norm), fp32 master weights, compensated summation;
-every test runs for each optimizer of OPTIMIZERS (tests/optimizers.py)."""
+every test runs for each optimizer of OPTIMIZERS (tests/_optimizers.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import io
 
 import pytest
 import torch
-from optimizers import OPTIMIZERS
+from _optimizers import OPTIMIZERS
 
 import pyeff
 

@@ -40,3 +40,20 @@ def test_bench_help_lists_every_suite():
     listed = out.stdout.split("suites:", 1)[1]
     names = [line.split()[0] for line in listed.splitlines() if line.startswith("  ") and not line.startswith("   ")]
     assert names == list(suites()) and "sgd" in names
+
+
+def test_the_gpu_optimizer_suite_runs_its_cases_on_the_cpu():
+    # benchmarks/optim_gpu.py runs only where a GPU is lent; its cases are run here on the CPU
+    # backend with tiny sizes, so that the code a GPU session runs has run before.
+    import torch
+
+    import optim_gpu
+
+    sizes = bench.model_like_sizes(20_000, 24)
+    rows = optim_gpu.run_cases(sizes, torch.device("cpu"), ("cpu",), rounds=1)
+    cases = {r.case.split()[0] for r in rows}
+    assert cases == {"adamw", "amp", "adagrad"}
+    amp = {r.provider: r for r in rows if r.case.startswith("amp")}
+    assert set(amp) == {"pyeff_cpu", "torch_composition", bench.CEILING}
+    assert amp["torch_composition"].bytes_per_elem == 60 and amp["pyeff_cpu"].bytes_per_elem == 30
+    assert all(r.pct_ceiling > 0 for r in rows)

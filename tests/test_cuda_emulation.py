@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from _optim_cases import (ADAGRAD_HP, ADAGRAD_LISTS, ADAM_COMBOS, ADAM_HP, ADAM_LISTS, CHUNK, SGD_HP, SGD_LISTS, SIZES,
+                          adagrad_inputs, adam_inputs, assert_equal, clone, grads_of_every_dtype, sgd_inputs)
 from pyeff.ops import adagrad_step, adam_step, grad_stats, sgd_step, step_control
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
 OPTIMIZER_SOURCES = ["adam.cu", "adagrad.cu", "sgd.cu", "grad_stats.cu", "step_control.cu"]
-CHUNK = 512  # elements per chunk (65536 on a GPU)
 
 
 @pytest.fixture(scope="module")
@@ -41,73 +42,25 @@ def test_every_optimizer_source_is_emulated():
     assert optimizer_like <= set(OPTIMIZER_SOURCES), optimizer_like - set(OPTIMIZER_SOURCES)
 
 
-# Sizes around the chunk and the vector width (4), 23 tensors: several launches of a small table.
-SIZES = [1, 3, 4, 5, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 7, 17, 2, 1000, 64, 7, 9, 33, 130, 1, 6, 31, 511, 8,
-         2 * CHUNK, 77]
-ADAM_LISTS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps", "master_params",
-              "compensations")
-ADAM_COMBOS = [(torch.float32, torch.float32, "plain"), (torch.float64, torch.float64, "plain"),
-               (torch.bfloat16, torch.bfloat16, "plain"), (torch.float16, torch.float16, "plain"),
-               (torch.bfloat16, torch.float32, "master"), (torch.float16, torch.bfloat16, "master"),
-               (torch.bfloat16, torch.bfloat16, "kahan"), (torch.float16, torch.float32, "kahan"),
-               (torch.float32, torch.bfloat16, "plain")]
-
-
-def _adam_inputs(sizes, dtype, grad_dtype, mode, amsgrad, offset=0):
-    """Random state (never zeros); with `offset`, every tensor is a view starting `offset` elements
-    into its storage, so that no 16-byte vector access is aligned."""
-    def make(n, dt, fn=torch.randn, scale=1.0):
-        return (fn(n + offset) * scale).to(dt)[offset:]
-
-    state = torch.float32 if mode == "master" else dtype
-    master = [make(n, torch.float32) for n in sizes] if mode == "master" else []
-    return dict(
-        params=[make(n, dtype) for n in sizes],
-        grads=[make(n, grad_dtype) for n in sizes],
-        exp_avgs=[make(n, state, scale=0.1) for n in sizes],
-        exp_avg_sqs=[make(n, state, torch.rand, 0.01) for n in sizes],
-        max_exp_avg_sqs=[make(n, state, torch.rand, 0.02) for n in sizes] if amsgrad else [],
-        state_steps=[torch.tensor(float(k % 7)) for k in range(len(sizes))],
-        master_params=master,
-        compensations=[make(n, dtype, scale=1e-3) for n in sizes] if mode == "kahan" else [],
-    )
-
-
-def _clone(inputs):
-    return {k: [t.clone() for t in v] for k, v in inputs.items()}
-
-
-def _assert_equal(got, want, what):
-    for key in want:
-        for i, (a, b) in enumerate(zip(got[key], want[key])):
-            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}, {key}[{i}]: {m}")
-
-
 def _run_emulated_adam(ops, x, hp, grad_mult=None, found_inf=None, lr_tensor=None):
     with torch.no_grad():
         ops.adam_step(*[x[k] for k in ADAM_LISTS], hp["lr"], hp["beta1"], hp["beta2"], hp["eps"], hp["weight_decay"],
                       hp["amsgrad"], hp["maximize"], hp["decoupled_weight_decay"], grad_mult, found_inf, lr_tensor)
 
 
-ADAM_HP = [dict(lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, amsgrad=True, maximize=False,
-                decoupled_weight_decay=True),
-           dict(lr=0.003, beta1=0.5, beta2=0.999, eps=1e-6, weight_decay=0.02, amsgrad=False, maximize=True,
-                decoupled_weight_decay=False)]
-
-
 @pytest.mark.parametrize("dtype,grad_dtype,mode", ADAM_COMBOS, ids=lambda x: str(x).replace("torch.", ""))
 @pytest.mark.parametrize("hp", ADAM_HP, ids=["adamw-amsgrad", "adam-maximize"])
 @pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "misaligned"])
 def test_adam_matches_the_cpu_kernel_bitwise(emulated, dtype, grad_dtype, mode, hp, offset):
-    inputs = _adam_inputs(SIZES, dtype, grad_dtype, mode, hp["amsgrad"], offset)
-    got, cpu, ref = _clone(inputs), _clone(inputs), _clone(inputs)
+    inputs = adam_inputs(SIZES, dtype, grad_dtype, mode, hp["amsgrad"], offset)
+    got, cpu, ref = clone(inputs), clone(inputs), clone(inputs)
     if mode == "master":  # the parameter is an output only: poison it
         for p in got["params"]:
             p.fill_(float("nan"))
     mult = torch.tensor([0.37])
     _run_emulated_adam(emulated, got, hp, grad_mult=mult)
     adam_step(**cpu, **hp, grad_mult=mult, backend="cpu")
-    _assert_equal(got, cpu, "emulated cuda vs cpu")
+    assert_equal(got, cpu, "emulated cuda vs cpu")
     adam_step(**ref, **hp, grad_mult=mult, backend="reference")
     for a, b in zip(got["params"], ref["params"]):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2 if dtype.itemsize == 2 else 1e-5, atol=1e-2)
@@ -117,62 +70,36 @@ def test_adam_matches_the_cpu_kernel_bitwise(emulated, dtype, grad_dtype, mode, 
 @pytest.mark.parametrize("lr_dtype", [torch.float32, torch.float64])
 def test_adam_reads_a_tensor_lr(emulated, lr_dtype):
     hp = ADAM_HP[0]
-    inputs = _adam_inputs(SIZES[:6], torch.float32, torch.float32, "plain", True)
-    got, want = _clone(inputs), _clone(inputs)
+    inputs = adam_inputs(SIZES[:6], torch.float32, torch.float32, "plain", True)
+    got, want = clone(inputs), clone(inputs)
     lr = torch.tensor(0.02, dtype=lr_dtype)
     _run_emulated_adam(emulated, got, {**hp, "lr": 123.0}, lr_tensor=lr)  # the float is ignored
     adam_step(**want, **{**hp, "lr": lr}, backend="cpu")
-    _assert_equal(got, want, "tensor lr")
+    assert_equal(got, want, "tensor lr")
 
 
 def test_adam_found_inf_leaves_everything_bitwise(emulated):
-    inputs = _adam_inputs(SIZES, torch.bfloat16, torch.bfloat16, "kahan", True)
-    got = _clone(inputs)
+    inputs = adam_inputs(SIZES, torch.bfloat16, torch.bfloat16, "kahan", True)
+    got = clone(inputs)
     _run_emulated_adam(emulated, got, ADAM_HP[0], grad_mult=torch.tensor([0.5]), found_inf=torch.tensor([1.0]))
-    _assert_equal(got, inputs, "skipped step")
+    assert_equal(got, inputs, "skipped step")
 
 
 def test_adam_rejects_bad_input_before_writing(emulated):
-    inputs = _adam_inputs([5, 9], torch.float32, torch.float32, "plain", True)
+    inputs = adam_inputs([5, 9], torch.float32, torch.float32, "plain", True)
     inputs["exp_avgs"][1] = inputs["exp_avgs"][1].double()
-    snap = _clone(inputs)
+    snap = clone(inputs)
     with pytest.raises(RuntimeError, match=r"expected exp_avgs\[1\] to be Float, got Double"):
         _run_emulated_adam(emulated, inputs, ADAM_HP[0])
-    _assert_equal(inputs, snap, "bad input")
+    assert_equal(inputs, snap, "bad input")
 
 
 # ---------------------------------------------------------------- adagrad, dense and sparse
-
-ADAGRAD_LISTS = ("params", "grads", "state_sums", "state_steps", "master_params", "compensations")
-
-
-def _adagrad_inputs(dtype, mode, sparse_rows=()):
-    sizes = SIZES[:12]
-    state = torch.float32 if mode == "master" else dtype
-    params = [torch.randn(n).to(dtype) for n in sizes]
-    grads = [torch.randn(n).to(dtype) for n in sizes]
-    for i, rows in enumerate(sparse_rows):  # parameters with sparse gradients, 2-D and 3-D
-        shape = (40, 3, 5) if i % 2 else (60, 7)
-        params.append(torch.randn(shape).to(dtype))
-        sparse_dim = 2 if i % 2 else 1
-        idx = torch.stack([torch.randint(0, shape[d], (rows,)) for d in range(sparse_dim)])
-        grads.append(torch.sparse_coo_tensor(idx, torch.randn(rows, *shape[sparse_dim:]).to(dtype), shape))
-    return dict(
-        params=params, grads=grads,
-        state_sums=[(torch.rand(p.shape) + 0.01).to(state) for p in params],
-        state_steps=[torch.tensor(float(k % 5)) for k in range(len(params))],
-        master_params=[p.float() + 1e-3 * torch.randn(p.shape) for p in params] if mode == "master" else [],
-        compensations=[(1e-3 * torch.randn(p.shape)).to(dtype) for p in params] if mode == "kahan" else [],
-    )
-
-
 def _run_emulated_adagrad(ops, x, hp, grad_mult=None, found_inf=None):
     with torch.no_grad():
         ops.adagrad_step(*[x[k] for k in ADAGRAD_LISTS], hp["lr"], hp["lr_decay"], hp["weight_decay"], hp["eps"],
                          hp["maximize"], grad_mult, found_inf, None)
 
-
-ADAGRAD_HP = dict(lr=0.05, lr_decay=0.3, weight_decay=0.0, eps=1e-6, maximize=True)
 
 
 @pytest.mark.parametrize("dtype,mode", [(torch.float32, "plain"), (torch.float64, "plain"), (torch.bfloat16, "plain"),
@@ -180,16 +107,16 @@ ADAGRAD_HP = dict(lr=0.05, lr_decay=0.3, weight_decay=0.0, eps=1e-6, maximize=Tr
                          ids=lambda x: str(x).replace("torch.", ""))
 @pytest.mark.parametrize("sparse", [0, 3], ids=["dense", "dense+sparse"])
 def test_adagrad_matches_the_cpu_kernel_bitwise(emulated, dtype, mode, sparse):
-    inputs = _adagrad_inputs(dtype, mode, sparse_rows=[30, 25, 9][:sparse])
+    inputs = adagrad_inputs(dtype, mode, sparse_rows=[30, 25, 9][:sparse])
     hp = dict(ADAGRAD_HP, weight_decay=0.0 if sparse else 0.1)
-    got, cpu = _clone(inputs), _clone(inputs)
+    got, cpu = clone(inputs), clone(inputs)
     _run_emulated_adagrad(emulated, got, hp, grad_mult=torch.tensor([0.25]))
     adagrad_step(**cpu, **hp, grad_mult=torch.tensor(0.25), backend="cpu")
-    _assert_equal(got, cpu, "emulated cuda vs cpu")
+    assert_equal(got, cpu, "emulated cuda vs cpu")
 
 
 def test_adagrad_sparse_index_outside_the_parameter_is_a_device_assert(emulated):
-    inputs = _adagrad_inputs(torch.float32, "plain")
+    inputs = adagrad_inputs(torch.float32, "plain")
     inputs["params"].append(torch.randn(6, 2))
     inputs["grads"].append(torch.sparse_coo_tensor(torch.tensor([[0, 6]]), torch.randn(2, 2), (6, 2),
                                                    check_invariants=False))
@@ -201,28 +128,6 @@ def test_adagrad_sparse_index_outside_the_parameter_is_a_device_assert(emulated)
 
 # ---------------------------------------------------------------- sgd
 
-SGD_LISTS = ("params", "grads", "momentum_buffers", "is_first_step", "master_params", "compensations")
-SGD_HP = [dict(lr=0.01, momentum=0.9, dampening=0.2, weight_decay=0.1, nesterov=False, maximize=True),
-          dict(lr=0.003, momentum=0.5, dampening=0.0, weight_decay=0.02, nesterov=True, maximize=False),
-          dict(lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False)]
-
-
-def _sgd_inputs(sizes, dtype, grad_dtype, mode, momentum, offset=0):
-    """As _adam_inputs; every third tensor takes its first momentum step (its buffer is NaN: an
-    output only)."""
-    x = _adam_inputs(sizes, dtype, grad_dtype, mode, False, offset)
-    first = [k % 3 == 0 for k in range(len(sizes))] if momentum else []
-    bufs = [m.clone() for m in x["exp_avgs"]] if momentum else []
-    for b, f in zip(bufs, first):
-        if f:
-            b.fill_(float("nan"))
-    return dict(params=x["params"], grads=x["grads"], momentum_buffers=bufs, is_first_step=first,
-                master_params=x["master_params"], compensations=x["compensations"])
-
-
-def _clone_sgd(x):
-    return {k: list(v) if k == "is_first_step" else [t.clone() for t in v] for k, v in x.items()}
-
 
 def _run_emulated_sgd(ops, x, hp, grad_mult=None, found_inf=None, lr_tensor=None):
     with torch.no_grad():
@@ -230,25 +135,21 @@ def _run_emulated_sgd(ops, x, hp, grad_mult=None, found_inf=None, lr_tensor=None
                      hp["nesterov"], hp["maximize"], grad_mult, found_inf, lr_tensor)
 
 
-def _tensors(x):
-    return {k: v for k, v in x.items() if k != "is_first_step"}
-
-
 @pytest.mark.parametrize("dtype,grad_dtype,mode", ADAM_COMBOS, ids=lambda x: str(x).replace("torch.", ""))
 @pytest.mark.parametrize("hp", SGD_HP, ids=["dampening-maximize", "nesterov", "plain"])
 @pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "misaligned"])
 def test_sgd_matches_the_cpu_kernel_bitwise(emulated, dtype, grad_dtype, mode, hp, offset):
-    inputs = _sgd_inputs(SIZES, dtype, grad_dtype, mode, hp["momentum"], offset)
-    got, cpu, ref = _clone_sgd(inputs), _clone_sgd(inputs), _clone_sgd(inputs)
+    inputs = sgd_inputs(SIZES, dtype, grad_dtype, mode, hp["momentum"], offset)
+    got, cpu, ref = clone(inputs), clone(inputs), clone(inputs)
     if mode == "master":  # the parameter is an output only: poison it
         for p in got["params"]:
             p.fill_(float("nan"))
     mult = torch.tensor([0.37])
     _run_emulated_sgd(emulated, got, hp, grad_mult=mult)
     sgd_step(**cpu, **hp, grad_mult=mult, backend="cpu")
-    for b in got["momentum_buffers"]:
+    for b in got["momentum_buffers"]:  # first-step buffers were NaN: written
         assert not b.isnan().any()
-    _assert_equal(_tensors(got), _tensors(cpu), "emulated cuda vs cpu")
+    assert_equal(got, cpu, "emulated cuda vs cpu")
     sgd_step(**ref, **hp, grad_mult=mult, backend="reference")
     for a, b in zip(got["params"], ref["params"]):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2 if dtype.itemsize == 2 else 1e-5, atol=1e-2)
@@ -257,40 +158,35 @@ def test_sgd_matches_the_cpu_kernel_bitwise(emulated, dtype, grad_dtype, mode, h
 @pytest.mark.parametrize("lr_dtype", [torch.float32, torch.float64])
 def test_sgd_reads_a_tensor_lr(emulated, lr_dtype):
     hp = SGD_HP[0]
-    inputs = _sgd_inputs(SIZES[:6], torch.float32, torch.float32, "plain", True)
-    got, want = _clone_sgd(inputs), _clone_sgd(inputs)
+    inputs = sgd_inputs(SIZES[:6], torch.float32, torch.float32, "plain", True)
+    got, want = clone(inputs), clone(inputs)
     lr = torch.tensor(0.02, dtype=lr_dtype)
     _run_emulated_sgd(emulated, got, {**hp, "lr": 123.0}, lr_tensor=lr)  # the float is ignored
     sgd_step(**want, **{**hp, "lr": lr}, backend="cpu")
-    _assert_equal(_tensors(got), _tensors(want), "tensor lr")
+    assert_equal(got, want, "tensor lr")
 
 
 def test_sgd_found_inf_leaves_everything_bitwise(emulated):
-    inputs = _sgd_inputs(SIZES, torch.bfloat16, torch.bfloat16, "kahan", True)
-    got = _clone_sgd(inputs)
+    inputs = sgd_inputs(SIZES, torch.bfloat16, torch.bfloat16, "kahan", True)
+    got = clone(inputs)
     _run_emulated_sgd(emulated, got, SGD_HP[0], grad_mult=torch.tensor([0.5]), found_inf=torch.tensor([1.0]))
-    _assert_equal(_tensors(got), _tensors(inputs), "skipped step")
+    assert_equal(got, inputs, "skipped step")
 
 
 def test_sgd_rejects_bad_input_before_writing(emulated):
-    inputs = _sgd_inputs([5, 9], torch.float32, torch.float32, "plain", True)
+    inputs = sgd_inputs([5, 9], torch.float32, torch.float32, "plain", True)
     inputs["momentum_buffers"][1] = inputs["momentum_buffers"][1].double()
-    snap = _clone_sgd(inputs)
+    snap = clone(inputs)
     with pytest.raises(RuntimeError, match=r"expected momentum_buffers\[1\] to be Float, got Double"):
         _run_emulated_sgd(emulated, inputs, SGD_HP[0])
-    _assert_equal(_tensors(inputs), _tensors(snap), "bad input")
+    assert_equal(inputs, snap, "bad input")
 
 
 # ---------------------------------------------------------------- grad_stats, step_control
 
 
-def _grads():
-    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-    return [torch.randn(n).to(dtypes[i % 4]) * 3 for i, n in enumerate(SIZES)]
-
-
 def test_grad_stats_matches_the_reference_and_is_deterministic(emulated, monkeypatch):
-    grads = _grads()
+    grads = grads_of_every_dtype()
     want = grad_stats(grads, backend="reference")
     got = torch.full((2,), float("nan"))
     emulated.grad_stats(grads, got)
@@ -307,7 +203,7 @@ def test_grad_stats_matches_the_reference_and_is_deterministic(emulated, monkeyp
 @pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
 @pytest.mark.parametrize("where", [(0, 0), (5, CHUNK - 1), (7, 3 * CHUNK + 6), (22, 76)])
 def test_grad_stats_finds_a_nonfinite_element_anywhere(emulated, value, where):
-    grads = _grads()
+    grads = grads_of_every_dtype()
     t, i = where
     grads[t][i] = value
     out = torch.zeros(2)

@@ -1,4 +1,4 @@
-"""What every pyeff optimizer shares with its torch.optim twin (tests/optimizers.py: OPTIMIZERS):
+"""What every pyeff optimizer shares with its torch.optim twin (tests/_optimizers.py: OPTIMIZERS):
 parity on PyTorch's own optimizer test inputs (optim_db) and their error inputs, defaults, the
 extras' errors, schedulers, closures and parameters without gradients, differentiable=True,
 zero-size and non-contiguous parameters, copies, checkpoints both ways, and bad steps that raise
@@ -11,7 +11,7 @@ import re
 
 import pytest
 import torch
-from optimizers import OPTIMIZERS, assert_optimizers_match, make_params, pair, set_grads, train
+from _optimizers import OPTIMIZERS, assert_optimizers_match, make_params, pair, set_grads, train
 from torch.testing._internal.common_optimizers import OptimizerErrorEnum, optim_db
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from optimizers import assert_optimizers_match, make_params, pair, set_grads, train
+from _optimizers import assert_optimizers_match, make_params, pair, set_grads, train
 
 import pyeff
 from pyeff.ops import OPS

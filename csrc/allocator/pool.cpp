@@ -118,8 +118,8 @@ const std::vector<std::string>& stat_names() {
       for (const char* pool : kPools)
         for (int m = 0; m < (k == kCachedKind ? 2 : 4); ++m)
           out.push_back(std::string(kKinds[k]) + "." + pool + "." + kMetrics[m]);
-    for (const char* counter :
-         {"num_cache_hits", "num_cache_misses", "num_os_allocs", "num_os_frees", "num_os_resizes", "num_ooms"})
+    for (const char* counter : {"num_cache_hits", "num_cache_misses", "num_os_allocs", "num_os_frees", "num_os_resizes",
+                                "num_alloc_retries", "num_ooms"})
       out.emplace_back(counter);
     return out;
   }();
@@ -140,8 +140,29 @@ std::vector<int64_t> flatten(const Stats& s) {
       }
     }
   }
-  for (int64_t c : {s.cache_hits, s.cache_misses, s.os_allocs, s.os_frees, s.os_resizes, s.ooms}) out.push_back(c);
+  for (int64_t c : {s.cache_hits, s.cache_misses, s.os_allocs, s.os_frees, s.os_resizes, s.alloc_retries, s.ooms})
+    out.push_back(c);
   return out;
+}
+
+void accumulate(Stats& into, const Stats& from) {
+  for (int k = 0; k < 6; ++k) {
+    Stat* dst = kind_stats(into, k);
+    const Stat* src = kind_stats(from, k);
+    for (int p = 0; p < kNumStatPools; ++p) {
+      dst[p].current += src[p].current;
+      dst[p].peak += src[p].peak;
+      dst[p].allocated += src[p].allocated;
+      dst[p].freed += src[p].freed;
+    }
+  }
+  into.cache_hits += from.cache_hits;
+  into.cache_misses += from.cache_misses;
+  into.os_allocs += from.os_allocs;
+  into.os_frees += from.os_frees;
+  into.os_resizes += from.os_resizes;
+  into.alloc_retries += from.alloc_retries;
+  into.ooms += from.ooms;
 }
 
 // ---------------------------------------------------------------- lists
@@ -207,7 +228,8 @@ int Pool::class_of(size_t bytes) const {
 void* Pool::map(size_t bytes) {
   void* p = backend_.map(bytes);
   if (p == nullptr) {  // out of memory: give the whole cache back and try once more
-    trim(0);
+    ++stats_.alloc_retries;
+    trim_unless_held(0);
     p = backend_.map(bytes);
   }
   if (p != nullptr) ++stats_.os_allocs;
@@ -415,7 +437,7 @@ size_t Pool::free(void* ptr) {
   } else {
     free_large(b);
   }
-  trim(cap());
+  trim_unless_held(cap());
   update_cached();
   return requested;
 }
@@ -499,14 +521,14 @@ bool Pool::owns(const void* ptr) const {
 
 void Pool::empty_cache() {
   std::lock_guard<std::mutex> guard(mu_);
-  trim(0);
+  trim_unless_held(0);
   update_cached();
 }
 
 void Pool::set_max_cached_bytes(size_t bytes) {
   std::lock_guard<std::mutex> guard(mu_);
   options_.max_cached_bytes = bytes;
-  trim(cap());
+  trim_unless_held(cap());
   update_cached();
 }
 
@@ -518,7 +540,14 @@ size_t Pool::max_cached_bytes() const {
 void Pool::set_caching(bool caching) {
   std::lock_guard<std::mutex> guard(mu_);
   caching_ = caching;
-  trim(cap());
+  trim_unless_held(cap());
+  update_cached();
+}
+
+void Pool::set_hold(bool hold) {
+  std::lock_guard<std::mutex> guard(mu_);
+  hold_ = hold;
+  trim_unless_held(cap());
   update_cached();
 }
 
@@ -581,7 +610,8 @@ void Pool::reset_accumulated_stats() {
     Stat* st = kind_stats(stats_, k);
     for (int p = 0; p < kNumStatPools; ++p) st[p].allocated = st[p].freed = 0;
   }
-  stats_.cache_hits = stats_.cache_misses = stats_.os_allocs = stats_.os_frees = stats_.os_resizes = stats_.ooms = 0;
+  stats_.cache_hits = stats_.cache_misses = stats_.os_allocs = stats_.os_frees = stats_.os_resizes = 0;
+  stats_.alloc_retries = stats_.ooms = 0;
 }
 
 }  // namespace pyeff::memory

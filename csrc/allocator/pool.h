@@ -93,12 +93,15 @@ struct Stats {
   int64_t os_allocs = 0;     // backend map() calls that succeeded
   int64_t os_frees = 0;      // backend unmap() calls
   int64_t os_resizes = 0;    // backend resize() calls that succeeded (a free block grown)
-  int64_t ooms = 0;          // requests the backend failed even after this pool returned its cache
+  int64_t alloc_retries = 0;  // backend map() failures that made this pool return its cache and retry
+  int64_t ooms = 0;           // requests the backend failed even after this pool returned its cache
 };
 
 // Flat views of Stats for C ABIs and torch ops: stat_names()[i] names flatten(stats)[i].
 const std::vector<std::string>& stat_names();
 std::vector<int64_t> flatten(const Stats& stats);
+// Adds every statistic of `from` to `into` (peaks too: the sum of the peaks).
+void accumulate(Stats& into, const Stats& from);
 
 class Pool {
  public:
@@ -120,6 +123,9 @@ class Pool {
   // caching == false keeps nothing: freed blocks go straight back to the backend (a cap of 0,
   // without forgetting the configured cap).
   void set_caching(bool caching);
+  // While held, no memory goes back to the backend: not past the cap, not for empty_cache(), not to
+  // retry a failed map() (CUDA graph capture forbids cudaFree). Releasing the hold trims to the cap.
+  void set_hold(bool hold);
 
   Stats stats() const;
   void reset_peak_stats();
@@ -197,6 +203,9 @@ class Pool {
   void release_slab(Slab* s);
   void trim(size_t cap);  // release free blocks and empty slabs until cached bytes <= cap
   size_t cap() const { return caching_ ? options_.max_cached_bytes : 0; }
+  void trim_unless_held(size_t cap) {
+    if (!hold_) trim(cap);
+  }
   void* map(size_t bytes);  // backend map, returning the whole cache and retrying once on failure
   void count_reserved(StatPool pool, int64_t delta);
   void count_allocated(StatPool pool, int64_t bytes, int64_t requested, bool allocate);
@@ -205,6 +214,7 @@ class Pool {
   Backend& backend_;
   Options options_;
   bool caching_ = true;
+  bool hold_ = false;
   std::vector<size_t> class_sizes_;
   std::vector<SizeClass> classes_;
   std::map<uintptr_t, Block*> large_;    // every large block, free or not, by address

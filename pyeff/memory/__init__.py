@@ -30,7 +30,8 @@ import re
 import torch
 
 from .. import _ext
-from ._cuda import cuda_allocator, cuda_empty_cache, cuda_mem_pool, cuda_set_max_cached_bytes, cuda_stats, use_cuda_pool
+from ._cuda import (cuda_allocator, cuda_empty_cache, cuda_mem_pool, cuda_pool_active, cuda_set_max_cached_bytes,
+                    cuda_stats, use_cuda_pool)
 from ._flat import FlatBuffer, FlatParameters, flat_view, flat_zeros_like, flatten_parameters
 
 __all__ = [
@@ -38,7 +39,8 @@ __all__ = [
     "memory_summary", "empty_cache", "set_max_cached_bytes", "max_cached_bytes", "in_pool", "size_classes",
     "ENV_MAX_CACHED",
     "flatten_parameters", "FlatParameters", "FlatBuffer", "flat_view", "flat_zeros_like",
-    "cuda_allocator", "use_cuda_pool", "cuda_mem_pool", "cuda_stats", "cuda_empty_cache", "cuda_set_max_cached_bytes",
+    "cuda_allocator", "use_cuda_pool", "cuda_pool_active", "cuda_mem_pool", "cuda_stats", "cuda_empty_cache",
+    "cuda_set_max_cached_bytes",
 ]
 
 ENV_MAX_CACHED = "PYEFF_MEMORY_MAX_CACHED"
@@ -154,7 +156,8 @@ def stats() -> collections.OrderedDict[str, int]:
       allocated);
     - ``num_cache_hits`` (requests served from memory already reserved), ``num_cache_misses``,
       ``num_os_allocs``, ``num_os_frees`` (mappings made and returned), ``num_os_resizes`` (a
-      cached large block grown or shrunk in place of a new mapping), ``num_ooms``.
+      cached large block grown or shrunk in place of a new mapping), ``num_alloc_retries`` (failed
+      mappings that made the pool return its cache and try again), ``num_ooms``.
 
     Zero-byte tensors take no block and are not counted.
     """

@@ -1,13 +1,13 @@
-"""The caching pool as a CUDA allocator (csrc/allocator/cuda_pool.cu, NOTE [CUDA pool streams]).
+"""The caching pool as a CUDA allocator (csrc/allocator/cuda_pool.cu, NOTE [CUDA pool streams and
+graphs] in cuda_pool.h). It is compiled into pyeff._C when torch has CUDA and nvcc is found at
+build time. Two ways to use it:
 
-Its C functions are compiled into pyeff._C when torch has CUDA and nvcc is found at build time,
-and torch.cuda.memory.CUDAPluggableAllocator loads them from that file:
+    pyeff.memory.use_cuda_pool()              # torch's CUDA allocator, before CUDA is first used
+    x = torch.randn(1 << 20, device="cuda")   # from the pool; record_stream, CUDA graphs,
+    torch.cuda.memory_stats()                 # empty_cache, statistics and OOM errors as torch's
 
-    pyeff.memory.use_cuda_pool()              # before the first CUDA allocation of the process
-    x = torch.randn(1 << 20, device="cuda")   # from the pool
-    pyeff.memory.cuda_stats()["allocated_bytes.all.current"]
-
-or, for some allocations only, a torch.cuda.MemPool backed by it:
+or, for some allocations only, a torch.cuda.MemPool whose segments it serves (torch's allocator
+places tensors inside them and keeps its own stream and graph rules):
 
     with torch.cuda.use_mem_pool(pyeff.memory.cuda_mem_pool()):
         y = torch.empty(1 << 20, device="cuda")
@@ -55,27 +55,47 @@ def _require_cuda() -> None:
 
 @functools.cache
 def cuda_allocator() -> torch.cuda.memory.CUDAPluggableAllocator:
-    """The pool as a torch.cuda.memory.CUDAPluggableAllocator (one per process)."""
+    """The pool's malloc and free as a torch.cuda.memory.CUDAPluggableAllocator, for a
+    torch.cuda.MemPool (one per process)."""
     _require_cuda()
     path = _library_path()
     _library(path)
     return torch.cuda.memory.CUDAPluggableAllocator(path, ALLOC_FN, FREE_FN)
 
 
+def cuda_pool_active() -> bool:
+    """Whether use_cuda_pool() made the pool torch's CUDA allocator."""
+    return _ext.built_with_cuda() and bool(torch.ops.pyeff.cuda_pool_installed())
+
+
 def use_cuda_pool() -> None:
-    """Make the pool torch's CUDA allocator for the rest of the process. torch allows this only
-    before its first CUDA allocation (it raises otherwise)."""
-    torch.cuda.memory.change_current_allocator(cuda_allocator())
+    """Make the pool torch's CUDA allocator for the rest of the process (NOTE [CUDA pool as torch's
+    allocator], csrc/allocator/cuda_allocator.cpp). torch allows this only before CUDA is first used."""
+    _require_cuda()
+    if not _ext.built_with_cuda():
+        raise RuntimeError("pyeff._C was built without the CUDA pool: build pyeff against a torch with CUDA, with "
+                           "nvcc on the PATH (see README.md)")
+    try:
+        torch.ops.pyeff.cuda_pool_install()
+    except RuntimeError as e:
+        if "initialized allocator" not in str(e):
+            raise
+        raise RuntimeError("pyeff.memory.use_cuda_pool() must come before CUDA is first used in the process (torch's "
+                           "own CUDA allocator is already in use)") from e
 
 
 def cuda_mem_pool() -> torch.cuda.MemPool:
     """A torch.cuda.MemPool whose memory comes from the pool, for `torch.cuda.use_mem_pool`."""
+    if cuda_pool_active():
+        raise RuntimeError("`pyeff.memory.cuda_mem_pool()` after `pyeff.memory.use_cuda_pool()`: the pool already "
+                           "serves every CUDA allocation, and torch cannot make a MemPool under another allocator; "
+                           "use one or the other")
     return torch.cuda.MemPool(cuda_allocator().allocator())
 
 
 def cuda_stats(device: int | None = None, library: str | None = None) -> collections.OrderedDict[str, int]:
     """Statistics of the CUDA pool, keyed as pyeff.memory.stats(), for one device (default: all),
-    summed over its streams' pools."""
+    summed over its pools (one per stream, and per stream of each CUDA graph)."""
     lib = _library(library)
     n = lib.pyeff_cuda_pool_num_stats()
     names = [lib.pyeff_cuda_pool_stat_name(i).decode() for i in range(n)]
@@ -85,12 +105,16 @@ def cuda_stats(device: int | None = None, library: str | None = None) -> collect
 
 
 def cuda_empty_cache(library: str | None = None) -> None:
-    """Return the CUDA pool's free memory to the driver (cudaFree)."""
-    _library(library).pyeff_cuda_pool_empty_cache()
+    """Return the CUDA pool's free memory to the driver (cudaFree), after waiting for the streams that
+    still use freed blocks; graphs' private pools keep theirs while a graph uses them. With the pool
+    as torch's allocator, torch.cuda.empty_cache() does the same."""
+    if not _library(library).pyeff_cuda_pool_empty_cache():
+        raise RuntimeError("pyeff.memory.cuda_empty_cache() during a CUDA graph capture: no memory can be returned "
+                           "while a capture is underway; call it before or after the capture")
 
 
 def cuda_set_max_cached_bytes(max_cached_bytes: int | None, library: str | None = None) -> None:
-    """Cap on the free memory each (device, stream) pool keeps; None: no cap."""
+    """Cap on the free memory each (device, stream) pool keeps outside CUDA graphs; None: no cap."""
     if max_cached_bytes is not None and max_cached_bytes < 0:
         raise ValueError(f"Invalid max_cached_bytes: {max_cached_bytes}")
     _library(library).pyeff_cuda_pool_set_max_cached_bytes(-1 if max_cached_bytes is None else max_cached_bytes)

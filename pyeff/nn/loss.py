@@ -11,6 +11,12 @@ linear_cross_entropy goes further: it saves grad_hidden, grad_weight and grad_bi
 chunk by chunk during the forward, and never holds the full logits (pyeff/ops/linear_cross_entropy.py).
 The backward is not itself differentiable (double backward raises), and forwards outside grad mode
 skip the gradient entirely.
+A grad_output of 1 (loss.backward()) costs nothing: the saved gradient is returned as it is. On the
+CPU that is read from the (CPU) grad_output; on a GPU reading it would sync, so the saved gradients
+are scaled in place by a kernel that reads grad_output on the device and touches no memory when it
+equals the factor they already hold (pyeff.kernels.cross_entropy.rescale_). A second backward through
+a retained graph rescales them by the ratio of the grad_outputs; after a grad_output of 0 that ratio
+is undefined and the gradient becomes NaN (never silently wrong).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .. import ops
+from ..ops._registry import triton_available
 from ..ops.cross_entropy import REDUCTIONS
 
 _INT_TARGETS = (torch.int64, torch.uint8)  # what torch accepts as class indices
@@ -51,14 +58,28 @@ def _round_like_torch(loss: Tensor, input: Tensor) -> Tensor:
     return loss if torch.is_autocast_enabled(input.device.type) else loss.to(input.dtype)
 
 
-def _scale(grad: Tensor, grad_output: Tensor, reduction: str) -> Tensor:
-    # NOTE [gradient in the forward]: a unit grad_output takes the saved gradient as it is. It is
-    # never written to: the saved reference keeps autograd from accumulating into it in place (it
-    # copies instead), so a retained graph gives the same gradient again. Skipping a fresh buffer
-    # matters on the CPU, where a new large tensor pays its page faults (~0.1 s per 256 MiB here).
+def _applied_factor(*grads: Tensor) -> Tensor | None:
+    """The device scalar that tracks the factor saved GPU gradients hold (1 after the forward), for
+    an in-place rescale in the backward; None where the backward multiplies instead."""
+    live = [g for g in grads if g.numel()]
+    if not live or live[0].device.type != "cuda" or not triton_available() or torch.compiler.is_compiling():
+        return None
+    return torch.ones((), dtype=torch.float32, device=live[0].device)
+
+
+def _scale(grads: list[Tensor], grad_output: Tensor, reduction: str, applied: Tensor | None) -> list[Tensor]:
+    # NOTE [gradient in the forward]: a unit grad_output takes the saved gradients as they are.
+    # Autograd never accumulates into them in place (the saved reference makes it copy), so a
+    # retained graph finds them again. Skipping a fresh buffer matters on the CPU too, where a new
+    # large tensor pays its page faults (~0.1 s per 256 MiB here).
+    if applied is not None and grad_output.numel() == 1 and not torch.compiler.is_compiling():
+        from pyeff.kernels.cross_entropy import rescale_
+
+        rescale_(grads, grad_output, applied)
+        return grads
     if _is_one(grad_output):
-        return grad
-    return grad * (grad_output.unsqueeze(-1) if reduction == "none" and grad.dim() == 2 else grad_output)
+        return grads
+    return [g * (grad_output.unsqueeze(-1) if reduction == "none" and g.dim() == 2 else grad_output) for g in grads]
 
 
 class _CrossEntropy(torch.autograd.Function):
@@ -69,14 +90,15 @@ class _CrossEntropy(torch.autograd.Function):
         loss, grad = ops.cross_entropy(logits, target, weight, ignore_index, label_smoothing, reduction,
                                        with_grad=grad_mode and ctx.needs_input_grad[0], backend=backend)
         ctx.reduction = reduction
+        ctx.applied = _applied_factor(grad)
         ctx.save_for_backward(grad)
         return loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        return _scale(grad, grad_output, ctx.reduction), None, None, None, None, None, None, None
+        (grad,) = _scale(list(ctx.saved_tensors), grad_output, ctx.reduction, ctx.applied)
+        return grad, None, None, None, None, None, None, None
 
 
 def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, size_average=None,
@@ -145,13 +167,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
             hidden, weight, target, bias, ignore_index, label_smoothing, reduction, chunk_size,
             grad_hidden=need[0], grad_weight=need[1], grad_bias=bias is not None and need[3], backend=backend)
         ctx.need = (need[0], need[1], bias is not None and need[3])
+        ctx.applied = _applied_factor(gh, gw, gb)
         ctx.save_for_backward(gh, gw, gb)
         return loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        grads = [_scale(g, grad_output, "sum") if needed else None for g, needed in zip(ctx.saved_tensors, ctx.need)]
+        wanted = [g for g, needed in zip(ctx.saved_tensors, ctx.need) if needed]
+        scaled = iter(_scale(wanted, grad_output, "sum", ctx.applied))
+        grads = [next(scaled) if needed else None for needed in ctx.need]
         return grads[0], grads[1], None, grads[2], None, None, None, None, None, None
 
 
@@ -159,11 +184,11 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: T
                          ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean",
                          chunk_size: int | None = None, *, backend: str | None = None) -> Tensor:
     """cross_entropy(linear(hidden, weight, bias), target) without materialising the logits:
-    `hidden` is (..., H), `weight` (V, H), `bias` (V,), `target` (...) of class indices. Rows go in
-    chunks of `chunk_size` (default: default_chunk_size in pyeff/ops/linear_cross_entropy.py); the
-    forward computes the gradients of hidden, weight and bias (grad_weight accumulated in fp32) and
-    the backward scales them (NOTE [gradient in the forward]). reduction='none' only without
-    gradients."""
+    `hidden` is (..., H), `weight` (V, H), `bias` (V,), `target` (...) of class indices. The logits
+    go in chunks holding as many as `chunk_size` rows (default: the backend's choice; see
+    pyeff/ops/linear_cross_entropy.py); the forward computes the gradients of hidden, weight and bias
+    (grad_weight accumulated in fp32) and the backward scales them (NOTE [gradient in the forward]).
+    reduction='none' only without gradients."""
     _check_common("linear_cross_entropy", target, reduction, label_smoothing)
     if hidden.dim() == 0 or tuple(target.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(f"Expected target of shape {list(hidden.shape[:-1])} for hidden of shape "

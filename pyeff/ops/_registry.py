@@ -92,8 +92,8 @@ def _no_outputs(*args, **kwargs) -> None:
 
 
 def _meta_refused(name: str, backend: str, *args, **kwargs):
-    raise RuntimeError(f"pyeff.ops.{name}: the {backend} backend got a tensor on the meta device; it runs on "
-                       f"{backend.upper()} tensors only (Meta tensors get the reference backend)")
+    raise RuntimeError(f"pyeff.ops.{name}: the {backend} backend got a tensor on the meta device (Meta tensors get "
+                       "the reference backend)")
 
 
 class Op:
@@ -104,6 +104,7 @@ class Op:
         self.name = name
         self.mutates_args = tuple(mutates_args)
         self.python_impls: dict[str, Callable] = {}  # backend -> function, for the Python backends
+        self.checked_backends: set[str] = set()
         self.packet = None  # torch.ops.pyeff.<name>, once defined
 
     # -- declaration
@@ -112,6 +113,9 @@ class Op:
         schema = torch.library.infer_schema(fn, mutates_args=self.mutates_args)
         for backend in BACKENDS:
             _LIB.define(f"{self.name}.{backend}{schema}")
+        # The compiled input checks alone (csrc/<op>.h), for the Python backends that write memory
+        # through raw addresses (Triton): every check that can fail, before anything is written.
+        _LIB.define(f"{self.name}.check{schema}")
         self.packet = getattr(torch.ops.pyeff, self.name)
         self.fake(_no_outputs)
         return self.impl("reference")(fn)
@@ -119,23 +123,26 @@ class Op:
     def fake(self, fn: Callable) -> Callable:
         """The op's output shapes, for torch.compile (the same for every backend). register_fake also
         makes it the Meta kernel: right for the reference (meta tensors get the reference, which
-        does nothing there), wrong for a compiled backend given a meta tensor among its own device's
+        does nothing there), wrong for another backend given a meta tensor among its own device's
         tensors, which must raise as the kernels do for any other foreign device."""
         for backend in BACKENDS:
             torch.library.register_fake(f"pyeff::{self.name}.{backend}", fn, lib=_LIB, allow_override=True)
-            if backend in _COMPILED_KEYS:
+            if backend != "reference":
                 _LIB.impl(f"{self.name}.{backend}", functools.partial(_meta_refused, self.name, backend), "Meta",
                           allow_override=True)
         return fn
 
-    def impl(self, backend: str) -> Callable[[Callable], Callable]:
-        """Register a Python implementation of `backend` (the reference's signature)."""
+    def impl(self, backend: str, *, checked: bool = False) -> Callable[[Callable], Callable]:
+        """Register a Python implementation of `backend` (the reference's signature). `checked`: it
+        calls check() first, and exists only where pyeff._C provides the checks."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
 
         def deco(fn: Callable) -> Callable:
             _LIB.impl(f"{self.name}.{backend}", fn, "CompositeExplicitAutograd")
             self.python_impls[backend] = fn
+            if checked:
+                self.checked_backends.add(backend)
             return fn
 
         return deco
@@ -144,10 +151,18 @@ class Op:
     def has(self, backend: str) -> bool:
         """Whether this op has an implementation for `backend` (compiled ones: in the loaded pyeff._C)."""
         if backend in self.python_impls:
-            return True
+            return backend not in self.checked_backends or self._has_check()
         keys = _COMPILED_KEYS.get(backend, ())
         return bool(keys) and _ext.available() and any(
             torch._C._dispatch_has_kernel_for_dispatch_key(f"pyeff::{self.name}.{backend}", k) for k in keys)
+
+    def check(self, *args) -> None:
+        """Run the op's compiled input checks on these arguments (csrc/<op>.h)."""
+        self.packet.check(*args)
+
+    def _has_check(self) -> bool:
+        return _ext.available() and torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"pyeff::{self.name}.check", "CompositeExplicitAutograd")
 
     def backends(self) -> list[str]:
         return [b for b in BACKENDS if self.has(b)]

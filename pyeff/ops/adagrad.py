@@ -120,6 +120,14 @@ def adagrad_step_reference(
         state_steps[i].copy_(state_steps[i] + (1 if skip is None else (~skip).to(state_steps[i].dtype)))
 
 
+@ADAGRAD.impl("triton", checked=True)
+def adagrad_step_triton(*args) -> None:
+    from pyeff.kernels.adagrad import adagrad_step
+
+    ADAGRAD.check(*args)
+    adagrad_step(*args)
+
+
 def _with_kernel_layouts(bucket: dict[str, list[Tensor]]):
     """(lists, write_back): make_dense for the tensors of dense gradients; for a sparse gradient the
     kernels address rows in the parameter and its state, so those must be contiguous."""

@@ -79,6 +79,14 @@ def adam_step_reference(
         commit(state_steps[i], state_steps[i] + 1)
 
 
+@ADAM.impl("triton", checked=True)
+def adam_step_triton(*args) -> None:
+    from pyeff.kernels.adam import adam_step
+
+    ADAM.check(*args)
+    adam_step(*args)
+
+
 def adam_step(
     params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
     max_exp_avg_sqs: list[Tensor], state_steps: list[Tensor], master_params: list[Tensor | None] | None = None,

@@ -16,15 +16,17 @@ torch). With `with_grad`, the op also returns d(loss)/dx for a unit grad_output 
 gradient of each row's own loss):
 
 .. math::
-    g_{rc} = s \big(\mathrm{softmax}(x_r)_c\,((1-\epsilon) w_{t_r} + \epsilon W / C)
-             - \tfrac{\epsilon}{C} w_c - (1-\epsilon)\, w_{t_r} [c = t_r]\big), \quad r \in R;
-    \qquad g_{rc} = 0, \quad r \notin R
+    g_{rc} = s_r \big(\mathrm{softmax}(x_r)_c\,((1-\epsilon) w_{t_r} + \epsilon W / C)
+             - \tfrac{\epsilon}{C} w_c - (1-\epsilon)\, w_{t_r} [c = t_r]\big)
 
-with s = 1 / \sum_{r\in R} w_{t_r} for 'mean', else 1. The loss is in the opmath dtype (the layers
-round it to the logits' dtype, or keep fp32 under autocast as torch does); the gradient has the
-logits' dtype. The softmax is never stored: a backward only has to scale g by grad_output
+with s_r = 1 / \sum_{r\in R} w_{t_r} for 'mean', else 1, and s_r = 0 for r not in R (so an ignored
+row's gradient is 0, and NaN where its softmax is, as torch's). The loss is in the opmath dtype (the
+layers round it to the logits' dtype, or keep fp32 under autocast as torch does); the gradient has
+the logits' dtype. The softmax is never stored: a backward only has to scale g by grad_output
 (NOTE [gradient in the forward], pyeff/nn/loss.py). A target outside [0, C) that is not
-ignore_index raises IndexError("Target t is out of bounds."), as torch does on the CPU.
+ignore_index raises IndexError("Target t is out of bounds."), as torch does on the CPU; on a GPU,
+where that check would sync with the host, the Triton kernels make that row's loss and gradient
+NaN instead (kernels/cross_entropy.py).
 
 `cross_entropy_rows` is the per-chunk building block of linear_cross_entropy: unreduced per-row
 losses (opmath dtype) and the gradient times a given `grad_scale`, written into given buffers.
@@ -47,7 +49,8 @@ def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def check_targets(target: Tensor, num_classes: int, ignore_index: int) -> None:
-    """Raise as torch does on the CPU for a target that is neither ignore_index nor a class."""
+    """Raise as torch does on the CPU for a target that is neither ignore_index nor a class (this reads
+    the targets on the host: a sync for GPU tensors)."""
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
     if bool(bad.any()):
         raise IndexError(f"Target {int(target[bad][0])} is out of bounds.")
@@ -58,7 +61,15 @@ def total_weight(target: Tensor, weight: Tensor | None, ignore_index: int, acc: 
     valid = target != ignore_index
     if weight is None:
         return valid.sum().to(acc)
-    return torch.where(valid, weight.to(acc)[torch.where(valid, target, 0)], 0).sum()
+    # clamped: a target out of range must not index out of bounds on a GPU (it is not checked there)
+    return torch.where(valid, weight.to(acc)[torch.where(valid, target, 0).clamp(0, weight.shape[0] - 1)], 0).sum()
+
+
+def reduce_rows(rows: Tensor, reduction: str, total: Tensor | None) -> Tensor:
+    """The loss from per-row losses: as they are, their sum, or their sum over `total` (mean)."""
+    if reduction == "none":
+        return rows
+    return rows.sum() / total if reduction == "mean" else rows.sum()
 
 
 @CROSS_ENTROPY.reference
@@ -79,18 +90,13 @@ def cross_entropy_reference(logits: Tensor, target: Tensor, weight: Tensor | Non
         rows = rows + eps / c * -(logp * w).sum(1)
     rows = torch.where(valid, rows, 0)
     total = torch.where(valid, w_t, 0).sum()
-    if reduction == "none":
-        loss = rows
-    elif reduction == "sum":
-        loss = rows.sum()
-    else:
-        loss = rows.sum() / total
+    loss = reduce_rows(rows, reduction, total)
     if not with_grad:
         return loss, logits.new_empty((0,))
     scale = 1 / total if reduction == "mean" else torch.ones((), dtype=acc, device=x.device)
     g = logp.exp() * ((1 - eps) * w_t + eps * w.sum() / c)[:, None] - eps / c * w
     g = g - torch.nn.functional.one_hot(t, c).to(acc) * ((1 - eps) * w_t)[:, None]
-    g = torch.where(valid[:, None], g * scale, 0)
+    g = g * torch.where(valid, scale, 0)[:, None]
     return loss, g.to(logits.dtype)
 
 
@@ -108,14 +114,15 @@ def cross_entropy_triton(logits, target, weight, ignore_index, label_smoothing, 
     from pyeff.kernels.cross_entropy import cross_entropy_rows
 
     acc = opmath_dtype(logits.dtype)
-    check_targets(target, logits.shape[1], ignore_index)
-    total = total_weight(target, weight, ignore_index, acc)
-    scale = 1 / total if reduction == "mean" else 1.0  # a tensor: no host sync; inf when every row is ignored
+    if logits.device.type == "cpu":  # the interpreter; on a GPU the kernel marks a bad row NaN (no sync)
+        check_targets(target, logits.shape[1], ignore_index)
+    total = total_weight(target, weight, ignore_index, acc) if reduction == "mean" else None
     rows = logits.new_empty((logits.shape[0],), dtype=acc)
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if with_grad else None
-    cross_entropy_rows(logits, target, weight, ignore_index, label_smoothing, scale, rows, grad)
-    loss = rows if reduction == "none" else rows.sum() if reduction == "sum" else rows.sum() / total
-    return loss, grad if grad is not None else logits.new_empty((0,))
+    # the scale is read on the device: inf when every row is ignored, and then applied to none
+    cross_entropy_rows(logits, target, weight, ignore_index, label_smoothing, 1 / total if total is not None else None,
+                       rows, grad)
+    return reduce_rows(rows, reduction, total), grad if grad is not None else logits.new_empty((0,))
 
 
 @CROSS_ENTROPY.fake

@@ -32,6 +32,14 @@ def grad_stats_reference(grads: List[Tensor], out: Tensor) -> None:
     out.copy_(torch.stack([sumsq.float(), nonfinite.float()]))
 
 
+@GRAD_STATS.impl("triton", checked=True)
+def grad_stats_triton(grads: List[Tensor], out: Tensor) -> None:
+    from pyeff.kernels.grad_stats import grad_stats
+
+    GRAD_STATS.check(grads, out)
+    grad_stats(grads, out)
+
+
 def grad_stats(grads: list[Tensor], *, out: Tensor | None = None, backend: str | None = None) -> Tensor:
     """float32 ``[sum of squares, any non-finite]`` over all `grads`, written into `out` (a float32
     tensor of two elements, by default a new one on the first gradient's device) and returned.

@@ -14,12 +14,16 @@ opmath = fp32 for bf16/fp16 inputs and fp64 for fp64:
 The loss is in opmath (the layer rounds it to the input dtype, or keeps fp32 under autocast).
 
 The gradients are for a unit grad_output; each is computed only when asked for (else an empty
-tensor). The backends never hold the (N, V) logits: rows go in chunks of `chunk_size`; per chunk
-they compute its logits, its losses and logit gradient (in place over the chunk's own logits, or
-into an fp32 chunk buffer for bf16/fp16), then its rows of grad_hidden, and add its share to the
-opmath accumulators of grad_weight and grad_bias. Peak extra memory is one chunk of logits plus the
-gradients themselves. The matrix products stay in torch (torch.mm / addmm); the softmax, loss and
-gradient of a chunk are the cross_entropy_rows kernel of the backend. Gradients with reduction
+tensor). The backends never hold the (N, V) logits. On the CPU, rows go in chunks of `chunk_size`;
+per chunk they compute its logits, its losses and logit gradient (in place over the chunk's own
+logits, or into an fp32 chunk buffer for bf16/fp16), then its rows of grad_hidden, and add its
+share to the opmath accumulators of grad_weight and grad_bias; the softmax, loss and gradient of a
+chunk are the C++ cross_entropy_rows kernel. The Triton backend goes in chunks of the vocabulary
+instead, each holding as many logits as `chunk_size` rows would (NOTE [vocabulary chunks],
+kernels/linear_cross_entropy.py): grad_weight is finished chunk by chunk in one GEMM of its input
+dtype with fp32 accumulation, from g rounded to the input dtype as in eager's backward, and no
+opmath copy of it is ever held. `chunk_size` 0 lets the backend choose (default_chunk_size on the
+CPU; one for the device with Triton). The matrix products stay in torch. Gradients with reduction
 'none' would need the per-row grad_output, unknown during the forward: refused.
 """
 
@@ -31,7 +35,8 @@ import torch
 from torch import Tensor
 
 from ._registry import Op
-from .cross_entropy import REDUCTIONS, check_targets, cross_entropy_reference, opmath_dtype, total_weight
+from .cross_entropy import (REDUCTIONS, check_targets, cross_entropy_reference, opmath_dtype, reduce_rows,
+                            total_weight)
 
 LINEAR_CROSS_ENTROPY = Op("linear_cross_entropy")
 
@@ -64,11 +69,12 @@ def linear_cross_entropy_reference(
     return loss, gh, gw, gb
 
 
-def _chunked(rows_fn, hidden, weight, target, bias, ignore_index, label_smoothing, reduction, chunk_size,
-             grad_hidden, grad_weight, grad_bias):
-    """The chunk loop of every compiled backend; `rows_fn` is its cross_entropy_rows kernel."""
+@LINEAR_CROSS_ENTROPY.impl("cpu")
+def linear_cross_entropy_cpu(hidden, weight, target, bias, ignore_index, label_smoothing, reduction, chunk_size,
+                             grad_hidden, grad_weight, grad_bias):
     n, h = hidden.shape
     v = weight.shape[0]
+    chunk_size = chunk_size or default_chunk_size(n, h, v)
     dtype, acc, device = hidden.dtype, opmath_dtype(hidden.dtype), hidden.device
     check_targets(target, v, ignore_index)
     total = total_weight(target, None, ignore_index, acc)
@@ -86,7 +92,8 @@ def _chunked(rows_fn, hidden, weight, target, bias, ignore_index, label_smoothin
         logits = torch.mm(h_c, weight_t) if bias is None else torch.addmm(bias, h_c, weight_t)
         # The chunk's logits are ours: the gradient overwrites them when it has their dtype.
         g = None if not with_grad else logits if dtype == acc else torch.empty((r1 - r0, v), dtype=acc, device=device)
-        rows_fn(logits, target[r0:r1], None, ignore_index, label_smoothing, scale, row_losses[r0:r1], g)
+        torch.ops.pyeff.cross_entropy_rows_cpu(logits, target[r0:r1], None, ignore_index, label_smoothing,
+                                               float(scale), row_losses[r0:r1], g)
         if grad_hidden:
             torch.mm(g.to(dtype), weight, out=gh[r0:r1])
         if grad_weight:
@@ -94,34 +101,24 @@ def _chunked(rows_fn, hidden, weight, target, bias, ignore_index, label_smoothin
         if grad_bias:
             gb += g.sum(0)
         del logits, g
-    if reduction == "none":
-        loss = row_losses
-    else:
-        loss = row_losses.sum() / total if reduction == "mean" else row_losses.sum()  # mean of none: nan
     gw = gw.to(weight.dtype) if grad_weight else gw
     gb = gb.to(bias.dtype) if grad_bias else gb
-    return loss, gh, gw, gb
-
-
-def _rows_cpu(logits, target, weight, ignore_index, label_smoothing, grad_scale, row_losses, grad):
-    torch.ops.pyeff.cross_entropy_rows_cpu(logits, target, weight, ignore_index, label_smoothing, float(grad_scale),
-                                           row_losses, grad)
-
-
-@LINEAR_CROSS_ENTROPY.impl("cpu")
-def linear_cross_entropy_cpu(hidden, weight, target, bias, ignore_index, label_smoothing, reduction, chunk_size,
-                             grad_hidden, grad_weight, grad_bias):
-    return _chunked(_rows_cpu, hidden, weight, target, bias, ignore_index,
-                    label_smoothing, reduction, chunk_size, grad_hidden, grad_weight, grad_bias)
+    return reduce_rows(row_losses, reduction, total), gh, gw, gb  # mean of none: nan
 
 
 @LINEAR_CROSS_ENTROPY.impl("triton")
 def linear_cross_entropy_triton(hidden, weight, target, bias, ignore_index, label_smoothing, reduction, chunk_size,
                                 grad_hidden, grad_weight, grad_bias):
-    from pyeff.kernels.cross_entropy import cross_entropy_rows
+    from pyeff.kernels.linear_cross_entropy import linear_cross_entropy as chunked
 
-    return _chunked(cross_entropy_rows, hidden, weight, target, bias, ignore_index, label_smoothing, reduction,
-                    chunk_size, grad_hidden, grad_weight, grad_bias)
+    acc = opmath_dtype(hidden.dtype)
+    if hidden.device.type == "cpu":  # the interpreter; on a GPU the kernel marks a bad row NaN (no sync)
+        check_targets(target, weight.shape[0], ignore_index)
+    total = total_weight(target, None, ignore_index, acc) if reduction == "mean" else None
+    # the scale is read on the device: inf when every row is ignored, and then applied to none
+    rows, gh, gw, gb = chunked(hidden, weight, target, bias, ignore_index, label_smoothing, chunk_size or None,
+                               grad_hidden, grad_weight, grad_bias, 1 / total if total is not None else None)
+    return reduce_rows(rows, reduction, total), gh, gw, gb
 
 
 @LINEAR_CROSS_ENTROPY.fake
@@ -176,15 +173,13 @@ def linear_cross_entropy(
     grad_hidden: bool = True, grad_weight: bool = True, grad_bias: bool = True, backend: str | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(loss, grad_hidden, grad_weight, grad_bias) for a unit grad_output; a gradient not asked for
-    (or grad_bias without a bias) is an empty tensor. `chunk_size` rows per chunk, by default
-    default_chunk_size(). See the module docstring."""
+    (or grad_bias without a bias) is an empty tensor. `chunk_size`: logits per chunk, in rows (None:
+    the backend's choice). See the module docstring."""
     grad_bias = grad_bias and bias is not None
     check_inputs(hidden, weight, target, bias, label_smoothing, reduction, chunk_size,
                  grad_hidden or grad_weight or grad_bias)
-    if chunk_size is None:
-        chunk_size = default_chunk_size(*hidden.shape, weight.shape[0])
     with torch.no_grad():  # the op returns its gradients; its outputs join no graph
         return LINEAR_CROSS_ENTROPY(
             LINEAR_CROSS_ENTROPY.choose(hidden.device, backend), hidden, weight, target, bias, int(ignore_index),
-            float(label_smoothing), reduction, int(chunk_size), bool(grad_hidden), bool(grad_weight),
+            float(label_smoothing), reduction, int(chunk_size or 0), bool(grad_hidden), bool(grad_weight),
             bool(grad_bias))

@@ -10,10 +10,11 @@ float32 tensor ``out`` of four elements on the device of the step:
     s &= \mathrm{fp32}(1 / \mathrm{double}(\mathrm{grad\_scale})) \ \text{(1 without a scale)} \\
     \mathrm{out}_1 &= \max(\mathrm{found\_inf}, \mathrm{stats}_1) \quad \text{(found\_inf: skip the step when non-zero)} \\
     \mathrm{out}_2 &= \sqrt{\mathrm{stats}_0}\cdot s \quad \text{(the unscaled global norm, as clip\_grad\_norm\_ returns it)} \\
-    \mathrm{out}_0 &= s \cdot \min(1, \mathrm{max\_grad\_norm} / (\mathrm{out}_2 + 10^{-6})) \quad
+    \mathrm{out}_0 &= s \cdot \min(1, (1 / (\mathrm{out}_2 + 10^{-6})) \cdot \mathrm{max\_grad\_norm}) \quad
         \text{(the gradient multiplier; } s \text{ without clipping)}
 
-in fp32, in this order (torch.amp.GradScaler's reciprocal, clip_grad_norm_'s coefficient);
+in fp32, in this order (torch.amp.GradScaler's reciprocal; clip_grad_norm_'s coefficient, whose
+float-over-tensor division torch evaluates as a reciprocal and a product);
 ``out[3]`` is 0. Terms whose input is absent are left out (no stats: ``out_1`` = found_inf or 0,
 ``out_2`` = 0). Computing them on the device keeps the step free of host syncs and allocations.
 """
@@ -43,11 +44,22 @@ def step_control_reference(stats: Tensor | None, grad_scale: Tensor | None, foun
     norm = torch.zeros((), dtype=torch.float32, device=device)
     if stats is not None:
         found = torch.maximum(found, stats[1])
-        norm = stats[0].sqrt() * inv_scale
+        # sqrt in double, rounded to fp32: correctly rounded, as the kernels' (torch's own fp32 sqrt on
+        # the CPU is not always)
+        norm = stats[0].double().sqrt().float() * inv_scale
     mult = inv_scale
     if max_grad_norm > 0:
         mult = inv_scale * (max_grad_norm / (norm + CLIP_EPS)).clamp(max=1.0)
     out.copy_(torch.stack([mult, found, norm, torch.zeros_like(norm)]))
+
+
+@STEP_CONTROL.impl("triton", checked=True)
+def step_control_triton(stats: Tensor | None, grad_scale: Tensor | None, found_inf: Tensor | None,
+                        max_grad_norm: float, out: Tensor) -> None:
+    from pyeff.kernels.grad_stats import step_control
+
+    STEP_CONTROL.check(stats, grad_scale, found_inf, max_grad_norm, out)
+    step_control(stats, grad_scale, found_inf, max_grad_norm, out)
 
 
 def step_control(stats: Tensor | None, grad_scale: Tensor | None, found_inf: Tensor | None, max_grad_norm: float,

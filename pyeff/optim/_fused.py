@@ -29,6 +29,8 @@ from ..ops.grad_stats import grad_stats
 from ..ops.step_control import step_control
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
+# The device types pyeff has fused (compiled or Triton) kernels for; others get the reference.
+FUSED_DEVICES = ("cpu", "cuda")
 # Parameter and gradient dtypes that may differ (torch >= 2.9 allows it through `param.grad_dtype`).
 _MIXABLE = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -150,6 +152,11 @@ class FusedOptimizer(Optimizer):
         name = type(self).__name__
         for group in self.param_groups:
             self._validate_group(group)
+            if group.get("fused"):  # torch.optim's check: where no fused kernel exists, say so
+                for p in group["params"]:
+                    if p.device.type not in FUSED_DEVICES or not torch.is_floating_point(p):
+                        raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of "
+                                           f"supported devices: {list(FUSED_DEVICES)}.")
             for p in group["params"]:
                 g = p.grad
                 if g is None:

@@ -1,0 +1,178 @@
+"""Triton kernel for adagrad_step (contract and reference: pyeff/ops/adagrad.py), one launch per call
+over every tensor, dense gradients and the rows of coalesced sparse ones alike (NOTE [Triton
+multi-tensor launch] in kernels/_tables.py, NOTE [sparse Adagrad rows] in
+csrc/cpu/adagrad_kernel.h). Per element, in the math type, in torch.optim.Adagrad's order, as
+csrc/adagrad_math.h:
+
+    g = grad * grad_mult (maximize: -g);  g = g + weight_decay * p (dense only)
+    s = s + g * g;  std = sqrt(s) + eps
+    p = p + (-clr * g) / std (dense)  or  p + -clr * (g / std) (sparse)
+
+with clr = lr / (1 + (t - 1) * lr_decay) in double from the step count t after the increment,
+rounded once. A set found_inf makes every program write nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _tables as T
+from ._rounding import cast_rne
+from ._tables import div_ieee, f64, sqrt_ieee
+from .adam import KAHAN, MASTER, PLAIN, _column, advance_steps
+
+MAX_SPARSE_DIMS = 4
+# The columns of a tensor's row in the table (a sparse gradient's rows: NOTE [sparse Adagrad rows]).
+(_NUMEL, _PARAM, _GRAD, _SUM, _MASTER, _COMP, _STEP, _INDICES, _INDEX_DIM_STRIDE, _INDEX_ROW_STRIDE,
+ _ROW_NUMEL, _SPARSE_DIM, _SIZES) = map(tl.constexpr, range(13))
+_STRIDES = tl.constexpr(_SIZES + MAX_SPARSE_DIMS)
+_COLUMNS = tl.constexpr(_STRIDES + MAX_SPARSE_DIMS)
+_VECTOR_COLUMNS = tuple(range(1, 6))  # param .. compensation
+
+
+@triton.jit
+def _adagrad_kernel(
+    Table,  # (tensors, _COLUMNS) int64
+    Chunks,  # (programs, 2) int64: tensor index, first element
+    GradMult,  # fp32 scalar, read when HAS_MULT
+    FoundInf,  # fp32 scalar, read when HAS_FOUND_INF
+    LrTensor,  # fp32/fp64 scalar, read when HAS_LR_TENSOR
+    lr_bits, lr_decay_bits, eps_bits, weight_decay_bits,  # doubles (NOTE [double scalars])
+    P: tl.constexpr, G: tl.constexpr, S: tl.constexpr, STEP: tl.constexpr, ACC: tl.constexpr, MODE: tl.constexpr,
+    MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, HAS_MULT: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    HAS_LR_TENSOR: tl.constexpr, HAS_SPARSE: tl.constexpr, ALIGNED: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = tl.load(Chunks + 2 * pid)
+    start = tl.multiple_of(tl.load(Chunks + 2 * pid + 1), CHUNK)
+    row = Table + _COLUMNS * t.to(tl.int64)
+    end = tl.minimum(start + CHUNK, tl.load(row + _NUMEL))
+    if HAS_FOUND_INF:  # a skipped step: no element to update (NOTE [overflow skip] in csrc/checks.h)
+        end = tl.where(tl.load(FoundInf) == 0, end, start)
+
+    # ---- this tensor's coefficients: double, rounded once to the math type
+    lr = f64(lr_bits)
+    if HAS_LR_TENSOR:
+        lr = tl.load(LrTensor).to(tl.float64)
+    step = tl.load(tl.load(row + _STEP).to(tl.pointer_type(STEP))).to(tl.float64) + 1.0
+    neg_clr = (-(lr / (1.0 + (step - 1.0) * f64(lr_decay_bits)))).to(ACC)
+    eps = f64(eps_bits).to(ACC)
+    weight_decay = f64(weight_decay_bits).to(ACC)
+    grad_mult = tl.full((), 1.0, ACC)
+    if HAS_MULT:
+        grad_mult = tl.load(GradMult).to(ACC)
+
+    param = _column(row, _PARAM, P, ALIGNED)
+    grad = _column(row, _GRAD, G, ALIGNED)
+    sums = _column(row, _SUM, S, ALIGNED)
+    master = _column(row, _MASTER, tl.float32, ALIGNED)
+    comp = _column(row, _COMP, P, ALIGNED)
+    indices = tl.load(row + _INDICES).to(tl.pointer_type(tl.int64))
+    sparse = False
+    if HAS_SPARSE:
+        sparse = tl.load(row + _INDICES) != 0
+
+    for off in range(0, end - start, BLOCK):
+        j = start + off + tl.arange(0, BLOCK)
+        mask = j < end
+        i = j  # the element of the parameter and its state
+        if HAS_SPARSE:
+            if sparse:  # element j of the values: row j // row_numel lands at sum_d index_d * stride_d
+                row_numel = tl.load(row + _ROW_NUMEL)
+                r = j // row_numel
+                i = j - r * row_numel
+                for d in tl.static_range(MAX_SPARSE_DIMS):
+                    in_dims = d < tl.load(row + _SPARSE_DIM)
+                    index = tl.load(indices + d * tl.load(row + _INDEX_DIM_STRIDE) + r * tl.load(row + _INDEX_ROW_STRIDE),
+                                    mask=mask & in_dims, other=0)
+                    tl.device_assert((index >= 0) & (index < tl.load(row + _SIZES + d)) | ~in_dims | ~mask,
+                                     "adagrad_step: a sparse gradient's index is outside its parameter")
+                    i += tl.where(in_dims, index * tl.load(row + _STRIDES + d), 0)
+        # ---- load
+        if MODE == 1:
+            p = tl.load(master + i, mask=mask).to(ACC)
+        else:
+            p = tl.load(param + i, mask=mask).to(ACC)
+        old = p
+        g = tl.load(grad + j, mask=mask).to(ACC)
+        s = tl.load(sums + i, mask=mask).to(ACC)
+        # ---- update (csrc/adagrad_math.h)
+        if HAS_MULT:
+            g = g * grad_mult
+        if MAXIMIZE:
+            g = -g
+        if WEIGHT_DECAY:  # dense gradients only (the op refuses weight decay with sparse ones)
+            g = g + weight_decay * p
+        s = s + g * g
+        std = sqrt_ieee(s) + eps
+        if HAS_SPARSE:
+            p = tl.where(sparse, p + neg_clr * div_ieee(g, std), p + div_ieee(neg_clr * g, std))
+        else:
+            p = p + div_ieee(neg_clr * g, std)
+        # ---- store
+        tl.store(sums + i, cast_rne(s, S), mask=mask)
+        if MODE == 1:
+            tl.store(master + i, p, mask=mask)
+            tl.store(param + i, cast_rne(p, P), mask=mask)
+        elif MODE == 2:  # NOTE [compensated summation] (csrc/low_precision_math.h)
+            y = (p - old) + tl.load(comp + i, mask=mask).to(ACC)
+            rounded = cast_rne(old + y, P)
+            tl.store(param + i, rounded, mask=mask)
+            tl.store(comp + i, cast_rne(y - (rounded.to(ACC) - old), P), mask=mask)
+        else:
+            tl.store(param + i, cast_rne(p, P), mask=mask)
+
+
+def _row(i, p, g, values, s, master, comp, step) -> tuple[int, ...]:
+    """A tensor's row of the table; `values`: the gradient, or a sparse one's contiguous values."""
+    sparse = [0] * (5 + 2 * MAX_SPARSE_DIMS)
+    numel = p.numel()
+    if g.is_sparse:
+        indices = g._indices()
+        nnz = g._nnz()
+        dims = g.sparse_dim()
+        if dims > MAX_SPARSE_DIMS:
+            raise RuntimeError(f"adagrad_step: grads[{i}] has {dims} sparse dimensions; the triton backend takes up "
+                               f"to {MAX_SPARSE_DIMS}")
+        numel = values.numel()
+        sparse = [indices.data_ptr(), indices.stride(0), indices.stride(1), values.numel() // nnz if nnz else 1, dims,
+                  *[p.size(d) if d < dims else 0 for d in range(MAX_SPARSE_DIMS)],
+                  *[p.stride(d) if d < dims else 0 for d in range(MAX_SPARSE_DIMS)]]
+    return (numel, p.data_ptr(), values.data_ptr(), s.data_ptr(), T.address(master), T.address(comp), step.data_ptr(),
+            *sparse)
+
+
+def adagrad_step(params, grads, state_sums, state_steps, master_params, compensations, lr, lr_decay, weight_decay, eps,
+                 maximize, grad_mult=None, found_inf=None, lr_tensor=None) -> None:
+    """The Triton backend of pyeff.ops.adagrad_step (the reference's signature; inputs bucketed by the
+    op layer)."""
+    if not params:
+        return
+    device = params[0].device
+    mode = MASTER if master_params else KAHAN if compensations else PLAIN
+    # Sparse gradients coalesced (the update is non-linear in them) and their values made contiguous;
+    # alive until the launch is queued (the caching allocator reuses their memory in stream order).
+    grads = [g.coalesce() if g.is_sparse else g for g in grads]
+    values = [g._values().contiguous() if g.is_sparse else g for g in grads]
+    has_sparse = any(g.is_sparse for g in grads)
+    if has_sparse and weight_decay != 0:
+        raise RuntimeError("adagrad_step: weight_decay option is not compatible with sparse gradients")
+    rows = [_row(i, p, grads[i], values[i], state_sums[i], master_params[i] if master_params else None,
+                 compensations[i] if compensations else None, state_steps[i]) for i, p in enumerate(params)]
+    table, chunks, programs = T.tables(rows, [r[0] for r in rows], device)
+    if programs:
+        acc = torch.float64 if params[0].dtype == torch.float64 else torch.float32
+        _adagrad_kernel[(programs,)](
+            table, chunks, grad_mult if grad_mult is not None else table, found_inf if found_inf is not None else table,
+            lr_tensor if lr_tensor is not None else table, T.bits(lr), T.bits(lr_decay), T.bits(eps),
+            T.bits(weight_decay), P=T.to_tl(params[0].dtype), G=T.to_tl(values[0].dtype),
+            S=T.to_tl(state_sums[0].dtype), STEP=T.to_tl(state_steps[0].dtype), ACC=T.to_tl(acc), MODE=mode,
+            MAXIMIZE=maximize, WEIGHT_DECAY=weight_decay != 0, HAS_MULT=grad_mult is not None,
+            HAS_FOUND_INF=found_inf is not None, HAS_LR_TENSOR=lr_tensor is not None, HAS_SPARSE=has_sparse,
+            ALIGNED=not has_sparse and T.all_aligned(rows, _VECTOR_COLUMNS), CHUNK=T.CHUNK, BLOCK=T.BLOCK,
+            **T.launch_options())
+    advance_steps(state_steps, found_inf)
+    T.bump_versions(params, state_sums, state_steps, master_params, compensations)

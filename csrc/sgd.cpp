@@ -50,8 +50,18 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
   bump_versions({params, momentum_buffers, master_params, compensations});
 }
 
+// The checks alone, for the backends that write through raw addresses (Triton): sgd_step.check.
+void sgd_step_check(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                    const c10::List<bool>& is_first_step, at::TensorList master_params, at::TensorList compensations,
+                    double, double momentum, double, double, bool, bool, const std::optional<at::Tensor>& grad_mult,
+                    const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& lr_tensor) {
+  check_sgd_step(kOp, params, grads, momentum_buffers, is_first_step, master_params, compensations, momentum,
+                 grad_mult, found_inf, lr_tensor);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyeff, CPU, m) { m.impl("sgd_step.cpu", &sgd_step_cpu); }
+TORCH_LIBRARY_IMPL(pyeff, CompositeExplicitAutograd, m) { m.impl("sgd_step.check", &sgd_step_check); }
 
 }  // namespace pyeff

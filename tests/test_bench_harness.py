@@ -52,7 +52,7 @@ def test_the_gpu_optimizer_suite_runs_its_cases_on_the_cpu():
     sizes = bench.model_like_sizes(20_000, 24)
     rows = optim_gpu.run_cases(sizes, torch.device("cpu"), ("cpu",), rounds=1)
     cases = {r.case.split()[0] for r in rows}
-    assert cases == {"adamw", "amp", "adagrad"}
+    assert cases == {"adamw", "amp", "adagrad", "sgd"}
     amp = {r.provider: r for r in rows if r.case.startswith("amp")}
     assert set(amp) == {"pyeff_cpu", "torch_composition", bench.CEILING}
     assert amp["torch_composition"].bytes_per_elem == 60 and amp["pyeff_cpu"].bytes_per_elem == 30

@@ -68,6 +68,14 @@ def sgd_step_reference(
                     compensation=compensations[i] if compensations else None)
 
 
+@SGD.impl("triton", checked=True)
+def sgd_step_triton(*args) -> None:
+    from pyeff.kernels.sgd import sgd_step as launch
+
+    SGD.check(*args)
+    launch(*args)
+
+
 def sgd_step(
     params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor] | None = None,
     is_first_step: list[bool] | None = None, master_params: list[Tensor | None] | None = None,

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from . import _tables as T
+from ._param_io import load_param, store_param
 from ._rounding import cast_rne
 from ._tables import div_ieee, f64, sqrt_ieee
 from .adam import KAHAN, MASTER, PLAIN, _column, advance_steps
@@ -45,18 +46,9 @@ def _adagrad_kernel(
     HAS_LR_TENSOR: tl.constexpr, HAS_SPARSE: tl.constexpr, ALIGNED: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    t = tl.load(Chunks + 2 * pid)
-    start = tl.multiple_of(tl.load(Chunks + 2 * pid + 1), CHUNK)
-    row = Table + _COLUMNS * t.to(tl.int64)
-    end = tl.minimum(start + CHUNK, tl.load(row + _NUMEL))
-    if HAS_FOUND_INF:  # a skipped step: no element to update (NOTE [overflow skip] in csrc/checks.h)
-        end = tl.where(tl.load(FoundInf) == 0, end, start)
-
+    row, start, end = T.program_chunk(Table, Chunks, FoundInf, _COLUMNS, HAS_FOUND_INF, CHUNK)
     # ---- this tensor's coefficients: double, rounded once to the math type
-    lr = f64(lr_bits)
-    if HAS_LR_TENSOR:
-        lr = tl.load(LrTensor).to(tl.float64)
+    lr = T.learning_rate(lr_bits, LrTensor, HAS_LR_TENSOR)
     step = tl.load(tl.load(row + _STEP).to(tl.pointer_type(STEP))).to(tl.float64) + 1.0
     neg_clr = (-(lr / (1.0 + (step - 1.0) * f64(lr_decay_bits)))).to(ACC)
     eps = f64(eps_bits).to(ACC)
@@ -92,10 +84,7 @@ def _adagrad_kernel(
                                      "adagrad_step: a sparse gradient's index is outside its parameter")
                     i += tl.where(in_dims, index * tl.load(row + _STRIDES + d), 0)
         # ---- load
-        if MODE == 1:
-            p = tl.load(master + i, mask=mask).to(ACC)
-        else:
-            p = tl.load(param + i, mask=mask).to(ACC)
+        p = load_param(param, master, i, mask, ACC, MODE)
         old = p
         g = tl.load(grad + j, mask=mask).to(ACC)
         s = tl.load(sums + i, mask=mask).to(ACC)
@@ -114,16 +103,7 @@ def _adagrad_kernel(
             p = p + div_ieee(neg_clr * g, std)
         # ---- store
         tl.store(sums + i, cast_rne(s, S), mask=mask)
-        if MODE == 1:
-            tl.store(master + i, p, mask=mask)
-            tl.store(param + i, cast_rne(p, P), mask=mask)
-        elif MODE == 2:  # NOTE [compensated summation] (csrc/low_precision_math.h)
-            y = (p - old) + tl.load(comp + i, mask=mask).to(ACC)
-            rounded = cast_rne(old + y, P)
-            tl.store(param + i, rounded, mask=mask)
-            tl.store(comp + i, cast_rne(y - (rounded.to(ACC) - old), P), mask=mask)
-        else:
-            tl.store(param + i, cast_rne(p, P), mask=mask)
+        store_param(param, master, comp, i, mask, p, old, P, ACC, MODE)
 
 
 def _row(i, p, g, values, s, master, comp, step) -> tuple[int, ...]:

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from . import _tables as T
+from ._param_io import load_param, store_param
 from ._rounding import cast_rne
 from ._tables import div_ieee, f64, pow_int, sqrt_ieee
 
@@ -55,18 +56,9 @@ def _adam_kernel(
     ALIGNED: tl.constexpr,  # every array 16-byte aligned
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    t = tl.load(Chunks + 2 * pid)
-    start = tl.multiple_of(tl.load(Chunks + 2 * pid + 1), CHUNK)
-    row = Table + 9 * t.to(tl.int64)
-    end = tl.minimum(start + CHUNK, tl.load(row + _NUMEL))
-    if HAS_FOUND_INF:  # a skipped step: no element to update (NOTE [overflow skip] in csrc/checks.h)
-        end = tl.where(tl.load(FoundInf) == 0, end, start)
-
+    row, start, end = T.program_chunk(Table, Chunks, FoundInf, 9, HAS_FOUND_INF, CHUNK)
     # ---- this tensor's coefficients: double, rounded once to the math type
-    lr = f64(lr_bits)
-    if HAS_LR_TENSOR:
-        lr = tl.load(LrTensor).to(tl.float64)
+    lr = T.learning_rate(lr_bits, LrTensor, HAS_LR_TENSOR)
     beta1 = f64(beta1_bits)
     beta2 = f64(beta2_bits)
     weight_decay = f64(weight_decay_bits)
@@ -95,10 +87,7 @@ def _adam_kernel(
         i = start + off + tl.arange(0, BLOCK)
         mask = i < end
         # ---- load
-        if MODE == 1:
-            p = tl.load(master + i, mask=mask).to(ACC)
-        else:
-            p = tl.load(param + i, mask=mask).to(ACC)
+        p = load_param(param, master, i, mask, ACC, MODE)
         old = p
         g = tl.load(grad + i, mask=mask).to(ACC)
         m = tl.load(exp_avg + i, mask=mask).to(ACC)
@@ -125,16 +114,7 @@ def _adam_kernel(
         # ---- store
         tl.store(exp_avg + i, cast_rne(m, M), mask=mask)
         tl.store(exp_avg_sq + i, cast_rne(v, M), mask=mask)
-        if MODE == 1:
-            tl.store(master + i, p, mask=mask)
-            tl.store(param + i, cast_rne(p, P), mask=mask)
-        elif MODE == 2:  # NOTE [compensated summation] (csrc/low_precision_math.h)
-            y = (p - old) + tl.load(comp + i, mask=mask).to(ACC)
-            rounded = cast_rne(old + y, P)
-            tl.store(param + i, rounded, mask=mask)
-            tl.store(comp + i, cast_rne(y - (rounded.to(ACC) - old), P), mask=mask)
-        else:
-            tl.store(param + i, cast_rne(p, P), mask=mask)
+        store_param(param, master, comp, i, mask, p, old, P, ACC, MODE)
 
 
 @triton.jit

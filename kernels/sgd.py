@@ -23,7 +23,7 @@ from ._tables import f64
 from .adam import KAHAN, MASTER, PLAIN, _column
 
 # The columns of a tensor's row in the table.
-_NUMEL, _PARAM, _GRAD, _BUF, _MASTER, _COMP, _FIRST = map(tl.constexpr, range(7))
+_NUMEL, _PARAM, _GRAD, _BUF, _MASTER, _COMP, _FIRST, _COLUMNS = map(tl.constexpr, range(8))
 _VECTOR_COLUMNS = tuple(range(1, 6))  # param .. compensation
 
 
@@ -45,19 +45,9 @@ def _sgd_kernel(
     ALIGNED: tl.constexpr,  # every array 16-byte aligned
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    t = tl.load(Chunks + 2 * pid)
-    start = tl.multiple_of(tl.load(Chunks + 2 * pid + 1), CHUNK)
-    row = Table + 7 * t.to(tl.int64)
-    end = tl.minimum(start + CHUNK, tl.load(row + _NUMEL))
-    if HAS_FOUND_INF:  # a skipped step: no element to update (NOTE [overflow skip] in csrc/checks.h)
-        end = tl.where(tl.load(FoundInf) == 0, end, start)
-
+    row, start, end = T.program_chunk(Table, Chunks, FoundInf, _COLUMNS, HAS_FOUND_INF, CHUNK)
     # ---- the coefficients: double, rounded once to the math type
-    lr = f64(lr_bits)
-    if HAS_LR_TENSOR:
-        lr = tl.load(LrTensor).to(tl.float64)
-    neg_lr = (-lr).to(ACC)
+    neg_lr = (-T.learning_rate(lr_bits, LrTensor, HAS_LR_TENSOR)).to(ACC)
     momentum = f64(momentum_bits).to(ACC)
     one_minus_dampening = (1.0 - f64(dampening_bits)).to(ACC)
     weight_decay = f64(weight_decay_bits).to(ACC)

@@ -11,7 +11,7 @@
 # toolkit whose major version is torch's (default: the one nvcc runs from).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${CUDA_VENV:-.venv-cuda}
+VENV=$(realpath -m "${CUDA_VENV:-.venv-cuda}")  # absolute: the build runs in a copy of the tree
 TORCH_PIN=${CUDA_TORCH:-torch==2.14.1}
 if [ -z "${CUDA_HOME:-}" ]; then
   CUDA_HOME=$(nvcc --dryrun -c -x cu /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n 1)

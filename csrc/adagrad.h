@@ -8,11 +8,6 @@
 
 namespace pyeff {
 
-struct AdagradInputs {
-  c10::ScalarType dtype, grad_dtype;
-  LowPrecisionState low;
-};
-
 // A sparse (COO) gradient: everything but its indices' values (NOTE [sparse Adagrad rows]).
 inline void check_sparse_grad(const char* op, size_t i, const at::Tensor& grad, const at::Tensor& param,
                               c10::ScalarType grad_dtype, double weight_decay) {
@@ -45,39 +40,25 @@ inline void check_sparse_indices_on_host(const char* op, size_t i, const at::Ten
   }
 }
 
-inline AdagradInputs check_adagrad_step(const char* op, at::TensorList params, at::TensorList grads,
-                                        at::TensorList state_sums, at::TensorList state_steps,
-                                        at::TensorList master_params, at::TensorList compensations,
-                                        double weight_decay, const std::optional<at::Tensor>& grad_mult,
-                                        const std::optional<at::Tensor>& found_inf,
-                                        const std::optional<at::Tensor>& lr_tensor) {
-  const size_t n = params.size();
-  check_length(op, "grads", grads, n);
-  check_length(op, "state_sums", state_sums, n);
-  check_length(op, "state_steps", state_steps, n);
-  AdagradInputs in{at::kFloat, at::kFloat, LowPrecisionState(op, params, master_params, compensations)};
-  if (n == 0) return in;
-  in.dtype = params[0].scalar_type();
-  in.grad_dtype = grads[0].scalar_type();
-  check_optimizer_dtypes(op, in.dtype, in.grad_dtype);
-  const auto state_dtype = in.low.state_dtype(in.dtype);
-  const auto device = params[0].device();
-  for (size_t i = 0; i < n; ++i) {
-    const auto& p = params[i];
-    check_same_layout(op, "params", i, p, p, in.dtype, device.type());
-    TORCH_CHECK(p.device() == device, op, ": expected params[", i, "] on ", device, " like params[0], got ",
-                p.device());
-    if (grads[i].is_sparse()) {
-      check_sparse_grad(op, i, grads[i], p, in.grad_dtype, weight_decay);
-    } else {
-      check_same_layout(op, "grads", i, grads[i], p, in.grad_dtype, device.type());
-    }
-    check_same_layout(op, "state_sums", i, state_sums[i], p, state_dtype, device.type());
-    in.low.check(op, i, p, in.dtype);
-    check_scalar(op, "state_steps[" + std::to_string(i) + "]", state_steps[i], device);
-  }
-  check_controls(op, device, grad_mult, found_inf, lr_tensor);
-  return in;
+inline OptimizerInputs check_adagrad_step(const char* op, at::TensorList params, at::TensorList grads,
+                                         at::TensorList state_sums, at::TensorList state_steps,
+                                         at::TensorList master_params, at::TensorList compensations,
+                                         double weight_decay, const std::optional<at::Tensor>& grad_mult,
+                                         const std::optional<at::Tensor>& found_inf,
+                                         const std::optional<at::Tensor>& lr_tensor) {
+  check_length(op, "state_sums", state_sums, params.size());
+  return check_optimizer_step(
+      op, params, grads, state_steps, master_params, compensations, grad_mult, found_inf, lr_tensor,
+      [&](size_t i, const at::Tensor& p, c10::ScalarType grad_dtype) {
+        if (grads[i].is_sparse()) {
+          check_sparse_grad(op, i, grads[i], p, grad_dtype, weight_decay);
+        } else {
+          check_same_layout(op, "grads", i, grads[i], p, grad_dtype, p.device().type());
+        }
+      },
+      [&](size_t i, const at::Tensor& p, c10::ScalarType state_dtype) {
+        check_same_layout(op, "state_sums", i, state_sums[i], p, state_dtype, p.device().type());
+      });
 }
 
 }  // namespace pyeff

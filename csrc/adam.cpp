@@ -17,7 +17,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                    double beta2, double eps, double weight_decay, bool amsgrad, bool maximize,
                    bool decoupled_weight_decay, const std::optional<at::Tensor>& grad_mult,
                    const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& lr_tensor) {
-  const AdamInputs in = check_adam_step(kOp, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+  const OptimizerInputs in = check_adam_step(kOp, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
                                         master_params, compensations, amsgrad, grad_mult, found_inf, lr_tensor);
   const size_t n = params.size();
   if (n == 0) return;

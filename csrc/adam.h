@@ -8,45 +8,27 @@
 
 namespace pyeff {
 
-struct AdamInputs {
-  c10::ScalarType dtype, grad_dtype;
-  LowPrecisionState low;
-};
-
-inline AdamInputs check_adam_step(const char* op, at::TensorList params, at::TensorList grads,
-                                  at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                                  at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
-                                  at::TensorList master_params, at::TensorList compensations, bool amsgrad,
-                                  const std::optional<at::Tensor>& grad_mult,
-                                  const std::optional<at::Tensor>& found_inf,
-                                  const std::optional<at::Tensor>& lr_tensor) {
+inline OptimizerInputs check_adam_step(const char* op, at::TensorList params, at::TensorList grads,
+                                      at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                                      at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
+                                      at::TensorList master_params, at::TensorList compensations, bool amsgrad,
+                                      const std::optional<at::Tensor>& grad_mult,
+                                      const std::optional<at::Tensor>& found_inf,
+                                      const std::optional<at::Tensor>& lr_tensor) {
   const size_t n = params.size();
-  check_length(op, "grads", grads, n);
   check_length(op, "exp_avgs", exp_avgs, n);
   check_length(op, "exp_avg_sqs", exp_avg_sqs, n);
   check_length(op, "max_exp_avg_sqs", max_exp_avg_sqs, amsgrad ? n : 0);
-  check_length(op, "state_steps", state_steps, n);
-  AdamInputs in{at::kFloat, at::kFloat, LowPrecisionState(op, params, master_params, compensations)};
-  if (n == 0) return in;
-  in.dtype = params[0].scalar_type();
-  in.grad_dtype = grads[0].scalar_type();
-  check_optimizer_dtypes(op, in.dtype, in.grad_dtype);
-  const auto state_dtype = in.low.state_dtype(in.dtype);
-  const auto device = params[0].device();
-  for (size_t i = 0; i < n; ++i) {
-    const auto& p = params[i];
-    check_same_layout(op, "params", i, p, p, in.dtype, device.type());
-    TORCH_CHECK(p.device() == device, op, ": expected params[", i, "] on ", device, " like params[0], got ",
-                p.device());
-    check_same_layout(op, "grads", i, grads[i], p, in.grad_dtype, device.type());
-    check_same_layout(op, "exp_avgs", i, exp_avgs[i], p, state_dtype, device.type());
-    check_same_layout(op, "exp_avg_sqs", i, exp_avg_sqs[i], p, state_dtype, device.type());
-    if (amsgrad) check_same_layout(op, "max_exp_avg_sqs", i, max_exp_avg_sqs[i], p, state_dtype, device.type());
-    in.low.check(op, i, p, in.dtype);
-    check_scalar(op, "state_steps[" + std::to_string(i) + "]", state_steps[i], device);
-  }
-  check_controls(op, device, grad_mult, found_inf, lr_tensor);
-  return in;
+  return check_optimizer_step(
+      op, params, grads, state_steps, master_params, compensations, grad_mult, found_inf, lr_tensor,
+      [&](size_t i, const at::Tensor& p, c10::ScalarType grad_dtype) {
+        check_same_layout(op, "grads", i, grads[i], p, grad_dtype, p.device().type());
+      },
+      [&](size_t i, const at::Tensor& p, c10::ScalarType state_dtype) {
+        check_same_layout(op, "exp_avgs", i, exp_avgs[i], p, state_dtype, p.device().type());
+        check_same_layout(op, "exp_avg_sqs", i, exp_avg_sqs[i], p, state_dtype, p.device().type());
+        if (amsgrad) check_same_layout(op, "max_exp_avg_sqs", i, max_exp_avg_sqs[i], p, state_dtype, p.device().type());
+      });
 }
 
 }  // namespace pyeff

@@ -141,6 +141,48 @@ inline GradScaling grad_scaling(const char* op, const std::optional<at::Tensor>&
   return g;
 }
 
+// The checks every optimizer op makes, after the caller checked the lengths of its own state lists:
+// gradients and step counts one per parameter (an op without step counts passes nullopt), the
+// dtypes, each parameter's device and layout, its gradient (check_grad(i, p, grad_dtype): an op that
+// takes sparse gradients checks them its way), its state tensors (check_state(i, p, state_dtype)),
+// its low-precision state and step count, and the control scalars. Returns the dtypes and the
+// low-precision mode.
+struct OptimizerInputs {
+  c10::ScalarType dtype, grad_dtype;
+  LowPrecisionState low;
+};
+
+template <typename CheckGrad, typename CheckState>
+OptimizerInputs check_optimizer_step(const char* op, at::TensorList params, at::TensorList grads,
+                                     std::optional<at::TensorList> state_steps, at::TensorList master_params,
+                                     at::TensorList compensations, const std::optional<at::Tensor>& grad_mult,
+                                     const std::optional<at::Tensor>& found_inf,
+                                     const std::optional<at::Tensor>& lr_tensor, const CheckGrad& check_grad,
+                                     const CheckState& check_state) {
+  const size_t n = params.size();
+  check_length(op, "grads", grads, n);
+  if (state_steps) check_length(op, "state_steps", *state_steps, n);
+  OptimizerInputs in{at::kFloat, at::kFloat, LowPrecisionState(op, params, master_params, compensations)};
+  if (n == 0) return in;
+  in.dtype = params[0].scalar_type();
+  in.grad_dtype = grads[0].scalar_type();
+  check_optimizer_dtypes(op, in.dtype, in.grad_dtype);
+  const auto state_dtype = in.low.state_dtype(in.dtype);
+  const auto device = params[0].device();
+  for (size_t i = 0; i < n; ++i) {
+    const auto& p = params[i];
+    check_same_layout(op, "params", i, p, p, in.dtype, device.type());
+    TORCH_CHECK(p.device() == device, op, ": expected params[", i, "] on ", device, " like params[0], got ",
+                p.device());
+    check_grad(i, p, in.grad_dtype);
+    check_state(i, p, state_dtype);
+    in.low.check(op, i, p, in.dtype);
+    if (state_steps) check_scalar(op, "state_steps[" + std::to_string(i) + "]", (*state_steps)[i], device);
+  }
+  check_controls(op, device, grad_mult, found_inf, lr_tensor);
+  return in;
+}
+
 // After the kernel: each step count becomes the value host_scalar read before it, plus one (written
 // without a dispatcher round trip).
 inline void advance_steps(at::TensorList state_steps, const std::vector<double>& before) {

@@ -17,8 +17,8 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
                   double lr, double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
                   const std::optional<at::Tensor>& grad_mult, const std::optional<at::Tensor>& found_inf,
                   const std::optional<at::Tensor>& lr_tensor) {
-  const SgdInputs in = check_sgd_step(kOp, params, grads, momentum_buffers, is_first_step, master_params,
-                                      compensations, momentum, grad_mult, found_inf, lr_tensor);
+  const OptimizerInputs in = check_sgd_step(kOp, params, grads, momentum_buffers, is_first_step, master_params,
+                                     compensations, momentum, grad_mult, found_inf, lr_tensor);
   const size_t n = params.size();
   if (n == 0) return;
   TORCH_CHECK(params[0].device().is_cpu(), kOp, ": the cpu backend takes CPU tensors, got ", params[0].device());

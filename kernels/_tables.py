@@ -75,30 +75,6 @@ def div_ieee(a, b):
     return y
 
 
-@triton.jit
-def program_chunk(Table, Chunks, FoundInf, COLUMNS: tl.constexpr, HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr):
-    """(row, start, end): the table row of this program's tensor (its column 0: the element count)
-    and the elements [start, end) it updates, none when found_inf is set (NOTE [overflow skip] in
-    csrc/checks.h)."""
-    pid = tl.program_id(0)
-    t = tl.load(Chunks + 2 * pid)
-    start = tl.multiple_of(tl.load(Chunks + 2 * pid + 1), CHUNK)
-    row = Table + COLUMNS * t.to(tl.int64)
-    end = tl.minimum(start + CHUNK, tl.load(row))
-    if HAS_FOUND_INF:
-        end = tl.where(tl.load(FoundInf) == 0, end, start)
-    return row, start, end
-
-
-@triton.jit
-def learning_rate(lr_bits, LrTensor, HAS_LR_TENSOR: tl.constexpr):
-    """The learning rate in double: the float argument, or the one-element tensor's value."""
-    lr = f64(lr_bits)
-    if HAS_LR_TENSOR:
-        lr = tl.load(LrTensor).to(tl.float64)
-    return lr
-
-
 def tables(rows: list[tuple[int, ...]], work: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(table, chunks, programs) for tensors described by `rows` (one tuple of int64 per tensor)
     with `work` elements each: table is (tensors, len(row)) int64, chunks (programs, 2) int64 rows of

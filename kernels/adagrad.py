@@ -19,10 +19,9 @@ import triton
 import triton.language as tl
 
 from . import _tables as T
-from ._param_io import load_param, store_param
+from ._optim import advance_steps, column, load_param, mode_of, program_chunk, step_scalars, store_param
 from ._rounding import cast_rne
 from ._tables import div_ieee, f64, sqrt_ieee
-from .adam import KAHAN, MASTER, PLAIN, _column, advance_steps
 
 MAX_SPARSE_DIMS = 4
 # The columns of a tensor's row in the table (a sparse gradient's rows: NOTE [sparse Adagrad rows]).
@@ -46,22 +45,18 @@ def _adagrad_kernel(
     HAS_LR_TENSOR: tl.constexpr, HAS_SPARSE: tl.constexpr, ALIGNED: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    row, start, end = T.program_chunk(Table, Chunks, FoundInf, _COLUMNS, HAS_FOUND_INF, CHUNK)
+    row, start, end = program_chunk(Table, Chunks, FoundInf, _COLUMNS, HAS_FOUND_INF, CHUNK)
     # ---- this tensor's coefficients: double, rounded once to the math type
-    lr = T.learning_rate(lr_bits, LrTensor, HAS_LR_TENSOR)
-    step = tl.load(tl.load(row + _STEP).to(tl.pointer_type(STEP))).to(tl.float64) + 1.0
+    lr, step, grad_mult = step_scalars(row, _STEP, lr_bits, LrTensor, GradMult, STEP, ACC, HAS_LR_TENSOR, HAS_MULT)
     neg_clr = (-(lr / (1.0 + (step - 1.0) * f64(lr_decay_bits)))).to(ACC)
     eps = f64(eps_bits).to(ACC)
     weight_decay = f64(weight_decay_bits).to(ACC)
-    grad_mult = tl.full((), 1.0, ACC)
-    if HAS_MULT:
-        grad_mult = tl.load(GradMult).to(ACC)
 
-    param = _column(row, _PARAM, P, ALIGNED)
-    grad = _column(row, _GRAD, G, ALIGNED)
-    sums = _column(row, _SUM, S, ALIGNED)
-    master = _column(row, _MASTER, tl.float32, ALIGNED)
-    comp = _column(row, _COMP, P, ALIGNED)
+    param = column(row, _PARAM, P, ALIGNED)
+    grad = column(row, _GRAD, G, ALIGNED)
+    sums = column(row, _SUM, S, ALIGNED)
+    master = column(row, _MASTER, tl.float32, ALIGNED)
+    comp = column(row, _COMP, P, ALIGNED)
     indices = tl.load(row + _INDICES).to(tl.pointer_type(tl.int64))
     sparse = False
     if HAS_SPARSE:
@@ -132,7 +127,7 @@ def adagrad_step(params, grads, state_sums, state_steps, master_params, compensa
     if not params:
         return
     device = params[0].device
-    mode = MASTER if master_params else KAHAN if compensations else PLAIN
+    mode = mode_of(master_params, compensations)
     # Sparse gradients coalesced (the update is non-linear in them) and their values made contiguous;
     # alive until the launch is queued (the caching allocator reuses their memory in stream order).
     grads = [g.coalesce() if g.is_sparse else g for g in grads]

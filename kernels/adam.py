@@ -19,22 +19,14 @@ import triton
 import triton.language as tl
 
 from . import _tables as T
-from ._param_io import load_param, store_param
+from ._optim import advance_steps, column, load_param, mode_of, program_chunk, step_scalars, store_param
 from ._rounding import cast_rne
 from ._tables import div_ieee, f64, pow_int, sqrt_ieee
 
-PLAIN, MASTER, KAHAN = 0, 1, 2
 # The columns of a tensor's row in the table.
 _NUMEL, _PARAM, _GRAD, _EXP_AVG, _EXP_AVG_SQ, _MAX_SQ, _MASTER, _COMP, _STEP = map(tl.constexpr, range(9))
+_COLUMNS = tl.constexpr(9)
 _VECTOR_COLUMNS = tuple(range(1, 8))  # param .. compensation
-
-
-@triton.jit
-def _column(row, k, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
-    ptr = tl.load(row + k).to(tl.pointer_type(DTYPE))
-    if ALIGNED:
-        ptr = tl.multiple_of(ptr, 16)
-    return ptr
 
 
 @triton.jit
@@ -56,13 +48,12 @@ def _adam_kernel(
     ALIGNED: tl.constexpr,  # every array 16-byte aligned
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    row, start, end = T.program_chunk(Table, Chunks, FoundInf, 9, HAS_FOUND_INF, CHUNK)
+    row, start, end = program_chunk(Table, Chunks, FoundInf, _COLUMNS, HAS_FOUND_INF, CHUNK)
     # ---- this tensor's coefficients: double, rounded once to the math type
-    lr = T.learning_rate(lr_bits, LrTensor, HAS_LR_TENSOR)
+    lr, step, grad_mult = step_scalars(row, _STEP, lr_bits, LrTensor, GradMult, STEP, ACC, HAS_LR_TENSOR, HAS_MULT)
     beta1 = f64(beta1_bits)
     beta2 = f64(beta2_bits)
     weight_decay = f64(weight_decay_bits)
-    step = tl.load(tl.load(row + _STEP).to(tl.pointer_type(STEP))).to(tl.float64) + 1.0
     neg_step_size = (-(lr / (1.0 - pow_int(beta1, step)))).to(ACC)
     bc2_sqrt = tl.sqrt(1.0 - pow_int(beta2, step)).to(ACC)
     lerp_weight = (1.0 - beta1).to(ACC)
@@ -71,17 +62,14 @@ def _adam_kernel(
     eps = f64(eps_bits).to(ACC)
     decay = (1.0 - lr * weight_decay).to(ACC)
     weight_decay = weight_decay.to(ACC)
-    grad_mult = tl.full((), 1.0, ACC)
-    if HAS_MULT:
-        grad_mult = tl.load(GradMult).to(ACC)
 
-    param = _column(row, _PARAM, P, ALIGNED)
-    grad = _column(row, _GRAD, G, ALIGNED)
-    exp_avg = _column(row, _EXP_AVG, M, ALIGNED)
-    exp_avg_sq = _column(row, _EXP_AVG_SQ, M, ALIGNED)
-    max_sq = _column(row, _MAX_SQ, M, ALIGNED)
-    master = _column(row, _MASTER, tl.float32, ALIGNED)
-    comp = _column(row, _COMP, P, ALIGNED)
+    param = column(row, _PARAM, P, ALIGNED)
+    grad = column(row, _GRAD, G, ALIGNED)
+    exp_avg = column(row, _EXP_AVG, M, ALIGNED)
+    exp_avg_sq = column(row, _EXP_AVG_SQ, M, ALIGNED)
+    max_sq = column(row, _MAX_SQ, M, ALIGNED)
+    master = column(row, _MASTER, tl.float32, ALIGNED)
+    comp = column(row, _COMP, P, ALIGNED)
 
     for off in range(0, end - start, BLOCK):
         i = start + off + tl.arange(0, BLOCK)
@@ -117,31 +105,6 @@ def _adam_kernel(
         store_param(param, master, comp, i, mask, p, old, P, ACC, MODE)
 
 
-@triton.jit
-def _advance_steps_kernel(
-    Steps,  # (n,) int64 addresses of the step counts
-    FoundInf,  # fp32 scalar, read when HAS_FOUND_INF
-    n,
-    STEP: tl.constexpr, HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr,
-):
-    if HAS_FOUND_INF:
-        n = tl.where(tl.load(FoundInf) == 0, n, 0)
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = i < n
-    ptrs = tl.load(Steps + i, mask=mask, other=0).to(tl.pointer_type(STEP))
-    tl.store(ptrs, tl.load(ptrs, mask=mask) + 1, mask=mask)
-
-
-def advance_steps(steps: list[torch.Tensor], found_inf: torch.Tensor | None) -> None:
-    """Every step count + 1 (unless found_inf is set), in one launch."""
-    device = steps[0].device
-    table, _, _ = T.tables([(s.data_ptr(),) for s in steps], [0] * len(steps), device)
-    block = 128
-    _advance_steps_kernel[(triton.cdiv(len(steps), block),)](
-        table, found_inf if found_inf is not None else table, len(steps), STEP=T.to_tl(steps[0].dtype),
-        HAS_FOUND_INF=found_inf is not None, BLOCK=block)
-
-
 def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, master_params, compensations, lr,
               beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_mult=None,
               found_inf=None, lr_tensor=None) -> None:
@@ -150,7 +113,7 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps
     if not params:
         return
     device = params[0].device
-    mode = MASTER if master_params else KAHAN if compensations else PLAIN
+    mode = mode_of(master_params, compensations)
     rows, work = [], []
     for i, p in enumerate(params):
         rows.append((p.numel(), p.data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(),

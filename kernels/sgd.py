@@ -17,10 +17,9 @@ import triton
 import triton.language as tl
 
 from . import _tables as T
-from ._param_io import load_param, store_param
+from ._optim import column, load_param, lr_and_multiplier, mode_of, program_chunk, store_param
 from ._rounding import cast_rne
 from ._tables import f64
-from .adam import KAHAN, MASTER, PLAIN, _column
 
 # The columns of a tensor's row in the table.
 _NUMEL, _PARAM, _GRAD, _BUF, _MASTER, _COMP, _FIRST, _COLUMNS = map(tl.constexpr, range(8))
@@ -45,22 +44,20 @@ def _sgd_kernel(
     ALIGNED: tl.constexpr,  # every array 16-byte aligned
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    row, start, end = T.program_chunk(Table, Chunks, FoundInf, _COLUMNS, HAS_FOUND_INF, CHUNK)
+    row, start, end = program_chunk(Table, Chunks, FoundInf, _COLUMNS, HAS_FOUND_INF, CHUNK)
     # ---- the coefficients: double, rounded once to the math type
-    neg_lr = (-T.learning_rate(lr_bits, LrTensor, HAS_LR_TENSOR)).to(ACC)
+    lr, grad_mult = lr_and_multiplier(lr_bits, LrTensor, GradMult, ACC, HAS_LR_TENSOR, HAS_MULT)
+    neg_lr = (-lr).to(ACC)
     momentum = f64(momentum_bits).to(ACC)
     one_minus_dampening = (1.0 - f64(dampening_bits)).to(ACC)
     weight_decay = f64(weight_decay_bits).to(ACC)
-    grad_mult = tl.full((), 1.0, ACC)
-    if HAS_MULT:
-        grad_mult = tl.load(GradMult).to(ACC)
     first = tl.load(row + _FIRST) != 0  # the buffer is created from the gradient, not read
 
-    param = _column(row, _PARAM, P, ALIGNED)
-    grad = _column(row, _GRAD, G, ALIGNED)
-    buf = _column(row, _BUF, B, ALIGNED)
-    master = _column(row, _MASTER, tl.float32, ALIGNED)
-    comp = _column(row, _COMP, P, ALIGNED)
+    param = column(row, _PARAM, P, ALIGNED)
+    grad = column(row, _GRAD, G, ALIGNED)
+    buf = column(row, _BUF, B, ALIGNED)
+    master = column(row, _MASTER, tl.float32, ALIGNED)
+    comp = column(row, _COMP, P, ALIGNED)
 
     for off in range(0, end - start, BLOCK):
         i = start + off + tl.arange(0, BLOCK)
@@ -94,7 +91,7 @@ def sgd_step(params, grads, momentum_buffers, is_first_step, master_params, comp
     if not params:
         return
     device = params[0].device
-    mode = MASTER if master_params else KAHAN if compensations else PLAIN
+    mode = mode_of(master_params, compensations)
     with_momentum = momentum != 0
     rows = [(p.numel(), p.data_ptr(), grads[i].data_ptr(), T.address(momentum_buffers[i] if with_momentum else None),
              T.address(master_params[i] if master_params else None),

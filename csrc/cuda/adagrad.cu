@@ -8,7 +8,7 @@
 
 #include "adagrad.h"
 #include "adagrad_math.h"
-#include "cuda/param_io.cuh"
+#include "cuda/optimizer.cuh"
 #include "cuda/steps.cuh"
 
 namespace pyeff::cuda {
@@ -33,16 +33,7 @@ struct AdagradEntry {
   int64_t sizes[kMaxSparseDims], strides[kMaxSparseDims];
 };
 
-struct AdagradScalars {
-  AdagradHyper hyper;
-  double lr;              // unless lr_tensor
-  const void* lr_tensor;  // float32 or float64, one element
-  bool lr_is_double;
-  bool step_is_double;
-  const float* grad_mult;
-  const float* found_inf;
-};
-
+// Parameter storage P, gradient storage G, NOTE [low-precision parameter modes] MODE.
 template <typename P, typename G, PrecisionMode MODE>
 struct AdagradChunk {
   using Acc = acc_t<P>;
@@ -50,7 +41,7 @@ struct AdagradChunk {
   static constexpr int kW = kVec<P>;
 
   struct Ptrs {
-    ParamIo<P, MODE> param;
+    ParamAccess<P, MODE> param;
     const G* grad;
     S* sum;
   };
@@ -72,14 +63,12 @@ struct AdagradChunk {
     q.param.template store<W>(i, p, old);
   }
 
-  C10_DEVICE void operator()(const AdagradEntry& e, int64_t begin, int64_t end, const AdagradScalars& s) const {
-    if (s.found_inf != nullptr && *s.found_inf != 0) return;  // NOTE [overflow skip] (csrc/checks.h)
-    const AdagradHyper& h = s.hyper;
-    const double lr = s.lr_tensor != nullptr ? read_scalar(s.lr_tensor, s.lr_is_double) : s.lr;
-    const double step = read_scalar(e.step, s.step_is_double) + 1;
-    const AdagradCoef<Acc> c =
-        adagrad_coef<Acc, Acc>(h, lr, step, s.grad_mult != nullptr ? Acc(*s.grad_mult) : Acc(1));
-    const Ptrs q{{static_cast<P*>(e.param), e.master, static_cast<P*>(e.compensation)}, static_cast<const G*>(e.grad),
+  C10_DEVICE void operator()(const AdagradEntry& e, int64_t begin, int64_t end, const AdagradHyper& h,
+                             const StepScalars& s) const {
+    if (s.skip()) return;
+    const auto c = adagrad_coef<Acc, Acc>(h, s.learning_rate(), s.step(e.step), s.multiplier<Acc>());
+    const Ptrs q{{static_cast<P*>(e.param), e.master, static_cast<P*>(e.compensation)},
+                 static_cast<const G*>(e.grad),
                  static_cast<S*>(e.sum)};
     if (e.indices != nullptr) {  // a sparse gradient: element j of the values, row by row
       for (int64_t j = begin + threadIdx.x; j < end; j += blockDim.x) {
@@ -94,15 +83,15 @@ struct AdagradChunk {
       }
       return;
     }
-    const bool aligned = q.param.offset(begin).template aligned<kW>() && is_aligned<kW>(q.grad + begin) &&
-                         is_aligned<kW>(q.sum + begin);
     int64_t i = begin;
-    if (aligned) {
-      const int64_t groups = (end - begin) / kW;
-      for (int64_t k = threadIdx.x; k < groups; k += blockDim.x) {
-        update<kW, false>(q, begin + k * kW, begin + k * kW, h, c);
+    if constexpr (kW > 1) {
+      if (q.param.template aligned<kW>(begin) && is_aligned<kW>(q.grad + begin) && is_aligned<kW>(q.sum + begin)) {
+        const int64_t groups = (end - begin) / kW;
+        for (int64_t k = threadIdx.x; k < groups; k += blockDim.x) {
+          update<kW, false>(q, begin + k * kW, begin + k * kW, h, c);
+        }
+        i = begin + groups * kW;
       }
-      i = begin + groups * kW;
     }
     for (i += threadIdx.x; i < end; i += blockDim.x) update<1, false>(q, i, i, h, c);
   }
@@ -113,7 +102,7 @@ void adagrad_step_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
                        double lr, double lr_decay, double weight_decay, double eps, bool maximize,
                        const std::optional<at::Tensor>& grad_mult, const std::optional<at::Tensor>& found_inf,
                        const std::optional<at::Tensor>& lr_tensor) {
-  const AdagradInputs in = check_adagrad_step(kOp, params, grads, state_sums, state_steps, master_params,
+  const OptimizerInputs in = check_adagrad_step(kOp, params, grads, state_sums, state_steps, master_params,
                                               compensations, weight_decay, grad_mult, found_inf, lr_tensor);
   const size_t n = params.size();
   if (n == 0) return;
@@ -163,19 +152,12 @@ void adagrad_step_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
     }
     work[i] = e.numel;
   }
-  AdagradScalars s;
-  s.hyper = {lr_decay, eps, weight_decay, maximize, grad_mult.has_value()};
-  s.lr = lr;
-  s.lr_tensor = lr_tensor ? lr_tensor->const_data_ptr() : nullptr;
-  s.lr_is_double = lr_tensor && lr_tensor->scalar_type() == at::kDouble;
-  s.step_is_double = state_steps[0].scalar_type() == at::kDouble;
-  s.grad_mult = grad_mult ? grad_mult->const_data_ptr<float>() : nullptr;
-  s.found_inf = found_inf ? found_inf->const_data_ptr<float>() : nullptr;
-
+  const AdagradHyper h{lr_decay, eps, weight_decay, maximize, grad_mult.has_value()};
+  const StepScalars s = step_scalars(lr, lr_tensor, state_steps, grad_mult, found_inf);
   dispatch_optimizer_types(in.dtype, in.grad_dtype, in.low.mode, [&](auto p, auto g, auto mode) {
     using P = typename decltype(p)::type;
     using G = typename decltype(g)::type;
-    launch_multi_tensor(entries, work, AdagradChunk<P, G, decltype(mode)::value>{}, s);
+    launch_multi_tensor(entries, work, AdagradChunk<P, G, decltype(mode)::value>{}, h, s);
   });
   advance_steps(state_steps, s.found_inf);
   bump_versions({params, state_sums, state_steps, master_params, compensations});

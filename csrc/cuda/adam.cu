@@ -7,7 +7,7 @@
 
 #include "adam.h"
 #include "adam_math.h"
-#include "cuda/param_io.cuh"
+#include "cuda/optimizer.cuh"
 #include "cuda/steps.cuh"
 
 namespace pyeff::cuda {
@@ -27,17 +27,6 @@ struct AdamEntry {
   int64_t numel;
 };
 
-// What every chunk reads besides its tensor's entry.
-struct AdamScalars {
-  AdamHyper hyper;
-  double lr;              // unless lr_tensor
-  const void* lr_tensor;  // float32 or float64, one element
-  bool lr_is_double;
-  bool step_is_double;
-  const float* grad_mult;
-  const float* found_inf;
-};
-
 // Parameter storage P, gradient storage G, NOTE [low-precision parameter modes] MODE.
 template <typename P, typename G, PrecisionMode MODE>
 struct AdamChunk {
@@ -46,7 +35,7 @@ struct AdamChunk {
   static constexpr int kW = kVec<P>;
 
   struct Ptrs {
-    ParamIo<P, MODE> param;
+    ParamAccess<P, MODE> param;
     const G* grad;
     M* exp_avg;
     M* exp_avg_sq;
@@ -73,25 +62,24 @@ struct AdamChunk {
     q.param.template store<W>(i, p, old);
   }
 
-  C10_DEVICE void operator()(const AdamEntry& e, int64_t begin, int64_t end, const AdamScalars& s) const {
-    if (s.found_inf != nullptr && *s.found_inf != 0) return;  // NOTE [overflow skip] (csrc/checks.h)
-    const AdamHyper& h = s.hyper;
-    const double lr = s.lr_tensor != nullptr ? read_scalar(s.lr_tensor, s.lr_is_double) : s.lr;
-    const double step = read_scalar(e.step, s.step_is_double) + 1;
-    const AdamCoef<Acc> c = adam_coef<Acc, Acc>(h, lr, step, s.grad_mult != nullptr ? Acc(*s.grad_mult) : Acc(1));
-    const Ptrs q{ParamIo<P, MODE>{static_cast<P*>(e.param), e.master, static_cast<P*>(e.compensation)}.offset(begin),
+  C10_DEVICE void operator()(const AdamEntry& e, int64_t begin, int64_t end, const AdamHyper& h,
+                             const StepScalars& s) const {
+    if (s.skip()) return;
+    const auto c = adam_coef<Acc, Acc>(h, s.learning_rate(), s.step(e.step), s.multiplier<Acc>());
+    const Ptrs q{{static_cast<P*>(e.param) + begin, offset(e.master, begin), offset(static_cast<P*>(e.compensation), begin)},
                  static_cast<const G*>(e.grad) + begin,
                  static_cast<M*>(e.exp_avg) + begin,
                  static_cast<M*>(e.exp_avg_sq) + begin,
-                 h.amsgrad ? static_cast<M*>(e.max_exp_avg_sq) + begin : nullptr};
+                 offset(static_cast<M*>(e.max_exp_avg_sq), begin)};
     const int64_t n = end - begin;
-    const bool aligned = q.param.template aligned<kW>() && is_aligned<kW>(q.grad) && is_aligned<kW>(q.exp_avg) &&
-                         is_aligned<kW>(q.exp_avg_sq) && (!h.amsgrad || is_aligned<kW>(q.max_sq));
     int64_t i = 0;
-    if (aligned) {
-      const int64_t groups = n / kW;
-      for (int64_t k = threadIdx.x; k < groups; k += blockDim.x) update<kW>(q, k * kW, h, c);
-      i = groups * kW;
+    if constexpr (kW > 1) {
+      if (q.param.template aligned<kW>(0) && is_aligned<kW>(q.grad) && is_aligned<kW>(q.exp_avg) &&
+          is_aligned<kW>(q.exp_avg_sq) && (!h.amsgrad || is_aligned<kW>(q.max_sq))) {
+        const int64_t groups = n / kW;
+        for (int64_t k = threadIdx.x; k < groups; k += blockDim.x) update<kW>(q, k * kW, h, c);
+        i = groups * kW;
+      }
     }
     for (i += threadIdx.x; i < n; i += blockDim.x) update<1>(q, i, h, c);
   }
@@ -103,7 +91,7 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     double beta2, double eps, double weight_decay, bool amsgrad, bool maximize,
                     bool decoupled_weight_decay, const std::optional<at::Tensor>& grad_mult,
                     const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& lr_tensor) {
-  const AdamInputs in = check_adam_step(kOp, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+  const OptimizerInputs in = check_adam_step(kOp, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
                                         master_params, compensations, amsgrad, grad_mult, found_inf, lr_tensor);
   const size_t n = params.size();
   if (n == 0) return;
@@ -126,19 +114,12 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                   params[i].numel()};
     work[i] = params[i].numel();
   }
-  AdamScalars s;
-  s.hyper = {beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_mult.has_value()};
-  s.lr = lr;
-  s.lr_tensor = lr_tensor ? lr_tensor->const_data_ptr() : nullptr;
-  s.lr_is_double = lr_tensor && lr_tensor->scalar_type() == at::kDouble;
-  s.step_is_double = state_steps[0].scalar_type() == at::kDouble;
-  s.grad_mult = grad_mult ? grad_mult->const_data_ptr<float>() : nullptr;
-  s.found_inf = found_inf ? found_inf->const_data_ptr<float>() : nullptr;
-
+  const AdamHyper h{beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_mult.has_value()};
+  const StepScalars s = step_scalars(lr, lr_tensor, state_steps, grad_mult, found_inf);
   dispatch_optimizer_types(in.dtype, in.grad_dtype, in.low.mode, [&](auto p, auto g, auto mode) {
     using P = typename decltype(p)::type;
     using G = typename decltype(g)::type;
-    launch_multi_tensor(entries, work, AdamChunk<P, G, decltype(mode)::value>{}, s);
+    launch_multi_tensor(entries, work, AdamChunk<P, G, decltype(mode)::value>{}, h, s);
   });
   advance_steps(state_steps, s.found_inf);
   bump_versions({params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, master_params, compensations});

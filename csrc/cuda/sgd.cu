@@ -5,7 +5,7 @@
 #include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 
-#include "cuda/param_io.cuh"
+#include "cuda/optimizer.cuh"
 #include "sgd.h"
 #include "sgd_math.h"
 
@@ -24,16 +24,6 @@ struct SgdEntry {
   int64_t numel;
 };
 
-// What every chunk reads besides its tensor's entry.
-struct SgdScalars {
-  SgdHyper hyper;
-  double lr;              // unless lr_tensor
-  const void* lr_tensor;  // float32 or float64, one element
-  bool lr_is_double;
-  const float* grad_mult;
-  const float* found_inf;
-};
-
 // Parameter storage P, gradient storage G, NOTE [low-precision parameter modes] MODE.
 template <typename P, typename G, PrecisionMode MODE>
 struct SgdChunk {
@@ -41,44 +31,46 @@ struct SgdChunk {
   using B = state_t<P, MODE>;
   static constexpr int kW = kVec<P>;
 
+  struct Ptrs {
+    ParamAccess<P, MODE> param;
+    const G* grad;
+    B* buf;  // with momentum only
+  };
+
   // W consecutive elements from i: load, update (csrc/sgd_math.h), store.
   template <int W>
-  C10_DEVICE static void update(const ParamIo<P, MODE>& param, const G* grad, B* buf, int64_t i, const SgdHyper& h,
-                                const SgdCoef<Acc>& c, bool first) {
+  C10_DEVICE static void update(const Ptrs& q, int64_t i, const SgdHyper& h, const SgdCoef<Acc>& c, bool first) {
     Acc p[W], g[W], b[W] = {}, old[W];
-    param.template load<W>(i, p);
-    load<W>(grad, i, g);
-    if (h.momentum != 0 && !first) load<W>(buf, i, b);
+    q.param.template load<W>(i, p);
+    load<W>(q.grad, i, g);
+    if (h.momentum != 0 && !first) load<W>(q.buf, i, b);
 #pragma unroll
     for (int k = 0; k < W; ++k) {
       old[k] = p[k];
       sgd_math(h, c, first, p[k], g[k], b[k]);
     }
-    if (h.momentum != 0) store<W>(buf, i, b);
-    param.template store<W>(i, p, old);
+    if (h.momentum != 0) store<W>(q.buf, i, b);
+    q.param.template store<W>(i, p, old);
   }
 
-  C10_DEVICE void operator()(const SgdEntry& e, int64_t begin, int64_t end, const SgdScalars& s) const {
-    if (s.found_inf != nullptr && *s.found_inf != 0) return;  // NOTE [overflow skip] (csrc/checks.h)
-    const SgdHyper& h = s.hyper;
-    const double lr = s.lr_tensor != nullptr ? read_scalar(s.lr_tensor, s.lr_is_double) : s.lr;
-    const SgdCoef<Acc> c = sgd_coef<Acc, Acc>(h, lr, s.grad_mult != nullptr ? Acc(*s.grad_mult) : Acc(1));
-    const auto param = ParamIo<P, MODE>{static_cast<P*>(e.param), e.master, static_cast<P*>(e.compensation)}.offset(
-        begin);
-    const G* grad = static_cast<const G*>(e.grad) + begin;
-    B* buf = h.momentum != 0 ? static_cast<B*>(e.momentum_buffer) + begin : nullptr;
+  C10_DEVICE void operator()(const SgdEntry& e, int64_t begin, int64_t end, const SgdHyper& h,
+                             const StepScalars& s) const {
+    if (s.skip()) return;
+    const auto c = sgd_coef<Acc, Acc>(h, s.learning_rate(), s.multiplier<Acc>());
+    const Ptrs q{{static_cast<P*>(e.param) + begin, offset(e.master, begin),
+                  offset(static_cast<P*>(e.compensation), begin)},
+                 static_cast<const G*>(e.grad) + begin,
+                 offset(static_cast<B*>(e.momentum_buffer), begin)};
     const int64_t n = end - begin;
-    const bool aligned =
-        param.template aligned<kW>() && is_aligned<kW>(grad) && (buf == nullptr || is_aligned<kW>(buf));
     int64_t i = 0;
-    if (aligned) {
-      const int64_t groups = n / kW;
-      for (int64_t k = threadIdx.x; k < groups; k += blockDim.x) {
-        update<kW>(param, grad, buf, k * kW, h, c, e.first_step);
+    if constexpr (kW > 1) {
+      if (q.param.template aligned<kW>(0) && is_aligned<kW>(q.grad) && (h.momentum == 0 || is_aligned<kW>(q.buf))) {
+        const int64_t groups = n / kW;
+        for (int64_t k = threadIdx.x; k < groups; k += blockDim.x) update<kW>(q, k * kW, h, c, e.first_step);
+        i = groups * kW;
       }
-      i = groups * kW;
     }
-    for (i += threadIdx.x; i < n; i += blockDim.x) update<1>(param, grad, buf, i, h, c, e.first_step);
+    for (i += threadIdx.x; i < n; i += blockDim.x) update<1>(q, i, h, c, e.first_step);
   }
 };
 
@@ -87,8 +79,8 @@ void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
                    double lr, double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
                    const std::optional<at::Tensor>& grad_mult, const std::optional<at::Tensor>& found_inf,
                    const std::optional<at::Tensor>& lr_tensor) {
-  const SgdInputs in = check_sgd_step(kOp, params, grads, momentum_buffers, is_first_step, master_params,
-                                      compensations, momentum, grad_mult, found_inf, lr_tensor);
+  const OptimizerInputs in = check_sgd_step(kOp, params, grads, momentum_buffers, is_first_step, master_params,
+                                     compensations, momentum, grad_mult, found_inf, lr_tensor);
   const size_t n = params.size();
   if (n == 0) return;
   TORCH_CHECK(params[0].device().type() == kDeviceType, kOp, ": the cuda backend takes CUDA tensors, got ",
@@ -108,18 +100,12 @@ void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
                   params[i].numel()};
     work[i] = params[i].numel();
   }
-  SgdScalars s;
-  s.hyper = {momentum, dampening, weight_decay, nesterov, maximize, grad_mult.has_value()};
-  s.lr = lr;
-  s.lr_tensor = lr_tensor ? lr_tensor->const_data_ptr() : nullptr;
-  s.lr_is_double = lr_tensor && lr_tensor->scalar_type() == at::kDouble;
-  s.grad_mult = grad_mult ? grad_mult->const_data_ptr<float>() : nullptr;
-  s.found_inf = found_inf ? found_inf->const_data_ptr<float>() : nullptr;
-
+  const SgdHyper h{momentum, dampening, weight_decay, nesterov, maximize, grad_mult.has_value()};
+  const StepScalars s = step_scalars(lr, lr_tensor, {}, grad_mult, found_inf);
   dispatch_optimizer_types(in.dtype, in.grad_dtype, in.low.mode, [&](auto p, auto g, auto mode) {
     using P = typename decltype(p)::type;
     using G = typename decltype(g)::type;
-    launch_multi_tensor(entries, work, SgdChunk<P, G, decltype(mode)::value>{}, s);
+    launch_multi_tensor(entries, work, SgdChunk<P, G, decltype(mode)::value>{}, h, s);
   });
   bump_versions({params, momentum_buffers, master_params, compensations});
 }

@@ -139,9 +139,25 @@ class FusedOptimizer(Optimizer):
         if params and params[0].device not in self._buffers:
             self._buffers[params[0].device] = _StepBuffers(params[0].device)
 
+    def _fused_update(self, group: dict, lists: dict[str, list[Tensor]], grad_mult: Tensor | None,
+                      found_inf: Tensor | None) -> None:
+        """The group's one op call (complex tensors already viewed as real)."""
+        raise NotImplementedError
+
+    def _differentiable_update(self, group: dict, lists: dict[str, list[Tensor]]) -> None:
+        """differentiable=True: torch's own implementation (autograd through the update)."""
+        raise NotImplementedError
+
     def _update(self, group: dict, lists: dict[str, list[Tensor]], has_complex: bool, grad_mult: Tensor | None,
                 found_inf: Tensor | None) -> None:
-        raise NotImplementedError
+        if group["differentiable"]:
+            if grad_mult is not None or found_inf is not None:
+                raise RuntimeError("`differentiable=True` does not support loss scaling or `max_grad_norm`")
+            self._differentiable_update(group, lists)
+            return
+        if has_complex:  # torch.optim updates complex tensors as their real views
+            lists = {k: v if k == "state_steps" else as_real(v) for k, v in lists.items()}
+        self._fused_update(group, lists, grad_mult, found_inf)
 
     def _validate_group(self, group: dict) -> None:
         """Hyper-parameter checks repeated at every step (groups can be edited after construction)."""
@@ -260,15 +276,18 @@ def init_low_precision_state(group: dict, p: Tensor, state: dict, moment_keys: t
     return mode
 
 
-def step_on_device(state: dict, p: Tensor) -> Tensor:
-    """state['step'] on p's device (a torch.optim checkpoint may keep it on the CPU): the kernels
-    read and increment it there, without a sync."""
-    step = state["step"]
-    if step.device != p.device:
-        step = state["step"] = step.to(p.device)
-    return step
+def append_step_and_low_precision(state: dict, p: Tensor, mode: str, state_steps: list, master_params: list,
+                                  compensations: list) -> None:
+    """The end of a parameter's _init_group: its step count, on its device (a torch.optim checkpoint
+    may keep it on the CPU; the kernels read and increment it on the device, without a sync), and
+    its master weight and compensation buffer (None where its mode has none)."""
+    if state["step"].device != p.device:
+        state["step"] = state["step"].to(p.device)
+    state_steps.append(state["step"])
+    master_params.append(state["master_param"] if mode == "master" else None)
+    compensations.append(state["compensation"] if mode == "kahan" else None)
 
 
 def as_real(ts: list[Tensor | None]) -> list[Tensor | None]:
     """torch.optim updates complex tensors as their real views."""
-    return [torch.view_as_real(t) if t is not None and torch.is_complex(t) else t for t in ts]
+    return [torch.view_as_real(t) if isinstance(t, Tensor) and torch.is_complex(t) else t for t in ts]

@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 from ..ops.adam import adam_step
-from ._fused import (LOW_PRECISION, FusedOptimizer, as_real, init_low_precision_state, low_precision_mode,
-                     step_on_device)
+from ._fused import (LOW_PRECISION, FusedOptimizer, append_step_and_low_precision, init_low_precision_state,
+                     low_precision_mode)
 
 _MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
@@ -143,18 +143,11 @@ class Adam(FusedOptimizer):
             exp_avg_sqs.append(state["exp_avg_sq"])
             if group["amsgrad"]:
                 max_exp_avg_sqs.append(state["max_exp_avg_sq"])
-            state_steps.append(step_on_device(state, p))
-            master_params.append(state["master_param"] if mode == "master" else None)
-            compensations.append(state["compensation"] if mode == "kahan" else None)
+            append_step_and_low_precision(state, p, mode, state_steps, master_params, compensations)
         self._init_buffers(params)
         return has_complex
 
-    def _update(self, group, lists, has_complex, grad_mult, found_inf):
-        if group["differentiable"]:
-            self._differentiable_update(group, lists, grad_mult, found_inf)
-            return
-        if has_complex:
-            lists = {k: v if k == "state_steps" else as_real(v) for k, v in lists.items()}
+    def _fused_update(self, group, lists, grad_mult, found_inf):
         beta1, beta2 = (b.item() if isinstance(b, Tensor) else b for b in group["betas"])
         adam_step(
             lists["params"], lists["grads"], lists["exp_avgs"], lists["exp_avg_sqs"], lists["max_exp_avg_sqs"],
@@ -163,10 +156,7 @@ class Adam(FusedOptimizer):
             maximize=group["maximize"], decoupled_weight_decay=group["decoupled_weight_decay"], grad_mult=grad_mult,
             found_inf=found_inf, backend=self.backend)
 
-    def _differentiable_update(self, group, lists, grad_mult, found_inf):
-        # Autograd through the update needs torch's own tensor-op implementation.
-        if grad_mult is not None or found_inf is not None:
-            raise RuntimeError("`differentiable=True` does not support loss scaling or `max_grad_norm`")
+    def _differentiable_update(self, group, lists):
         beta1, beta2 = group["betas"]
         if group["decoupled_weight_decay"]:
             from torch.optim.adamw import adamw as functional

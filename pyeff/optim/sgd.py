@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..ops.sgd import sgd_step
-from ._fused import LOW_PRECISION, FusedOptimizer, as_real, init_low_precision_state, low_precision_mode
+from ._fused import LOW_PRECISION, FusedOptimizer, init_low_precision_state, low_precision_mode
 
 
 def _check_hyperparameters(lr, momentum, dampening, weight_decay, nesterov) -> None:
@@ -137,16 +137,17 @@ class SGD(FusedOptimizer):
         self._init_buffers(params)
         return has_complex
 
-    def _update(self, group, lists, has_complex, grad_mult, found_inf):
-        if group["differentiable"]:
-            self._differentiable_update(group, lists, grad_mult, found_inf)
-            return
-        run = {k: v if k == "is_first_step" else as_real(v) for k, v in lists.items()} if has_complex else lists
+    def _fused_update(self, group, lists, grad_mult, found_inf):
         sgd_step(
-            run["params"], run["grads"], run["momentum_buffers"], run["is_first_step"], run["master_params"],
-            run["compensations"], lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
+            lists["params"], lists["grads"], lists["momentum_buffers"], lists["is_first_step"], lists["master_params"],
+            lists["compensations"], lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
             weight_decay=float(group["weight_decay"]), nesterov=group["nesterov"], maximize=group["maximize"],
             grad_mult=grad_mult, found_inf=found_inf, backend=self.backend)
+
+    def _update(self, group, lists, has_complex, grad_mult, found_inf):
+        super()._update(group, lists, has_complex, grad_mult, found_inf)
+        if group["differentiable"]:  # torch's own step kept its buffers (_differentiable_update)
+            return
         new = [(p, b) for p, b, first in zip(lists["params"], lists["momentum_buffers"], lists["is_first_step"])
                if first]
         # A skipped first step creates no buffer, as torch's skipped step does not: decided by reading
@@ -155,10 +156,7 @@ class SGD(FusedOptimizer):
             for p, buf in new:
                 self.state[p]["momentum_buffer"] = buf
 
-    def _differentiable_update(self, group, lists, grad_mult, found_inf):
-        # Autograd through the update needs torch's own tensor-op implementation.
-        if grad_mult is not None or found_inf is not None:
-            raise RuntimeError("`differentiable=True` does not support loss scaling or `max_grad_norm`")
+    def _differentiable_update(self, group, lists):
         from torch.optim.sgd import sgd as functional
 
         bufs = [None if first else b for b, first in zip(lists["momentum_buffers"], lists["is_first_step"])]

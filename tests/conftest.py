@@ -1,12 +1,20 @@
 """Test set-up. TRITON_INTERPRET must be set before any @triton.jit function is defined, so that
 Triton kernels run on the CPU through the interpreter (BUILD-NOTES.md)."""
 
+import getpass
 import os
 import subprocess
 import sys
+import tempfile
 import zlib
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# torch.compile's kernel cache is not keyed on ATEN_CPU_CAPABILITY: a suite run with it (to test an
+# AVX2 machine's code paths on an AVX-512 one) that reuses kernels compiled without it gets wrong
+# results or a corrupted heap, with plain torch models too. Such a run gets a cache of its own.
+if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{os.environ['ATEN_CPU_CAPABILITY']}")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -311,4 +311,4 @@ def append_step_and_low_precision(state: dict, p: Tensor, mode: str, state_steps
 
 def as_real(ts: list[Tensor | None]) -> list[Tensor | None]:
     """torch.optim updates complex tensors as their real views."""
-    return [torch.view_as_real(t) if t is not None and torch.is_complex(t) else t for t in ts]
+    return [torch.view_as_real(t) if isinstance(t, Tensor) and torch.is_complex(t) else t for t in ts]

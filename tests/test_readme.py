@@ -4,7 +4,8 @@ A block may follow an HTML comment, which the rendered README does not show:
 - ``<!-- test: setup`` ... ``-->``: Python run first in the same interpreter, defining what the
   block takes as given (a model, a data loader, input tensors);
 - ``<!-- test: skip: why -->``: the block is not run, and the test says why.
-Python blocks run each in a fresh interpreter, bash blocks in ``bash -e``, from the repository root.
+Python blocks run each in a fresh interpreter, bash blocks in ``bash -e``, from the repository root;
+``text`` blocks show output and are not run. Every fence has one of these languages.
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-BLOCK = re.compile(r"(?:<!-- test: (setup|skip:)(.*?)-->\n)?```(python|bash)\n(.*?)```", re.S)
+BLOCK = re.compile(r"(?:<!-- test: (setup|skip:)(.*?)-->\n)?```(python|bash|text)\n(.*?)```", re.S)
 
 
 def _blocks():
     text = (ROOT / "README.md").read_text()
     out = []
     for m in BLOCK.finditer(text):
+        if m.group(3) == "text":
+            continue
         line = text.count("\n", 0, m.start(3)) + 1
         out.append(pytest.param(m.group(1), (m.group(2) or "").strip(), m.group(3), m.group(4), id=f"line{line}-{m.group(3)}"))
     return out
@@ -34,7 +37,8 @@ BLOCKS = _blocks()
 
 def test_the_readme_has_code_blocks_and_every_one_is_collected():
     text = (ROOT / "README.md").read_text()
-    assert len(BLOCKS) == text.count("```") // 2 >= 10
+    fenced = len(BLOCK.findall(text))
+    assert fenced == text.count("```") // 2 and len(BLOCKS) >= 10
 
 
 @pytest.mark.parametrize("directive,arg,lang,code", BLOCKS)

@@ -5,12 +5,14 @@
 #include <ATen/core/Tensor.h>
 
 #include "checks.h"
+#include "state_codec.h"
 
 namespace pyeff {
 
 struct AdagradInputs {
   c10::ScalarType dtype, grad_dtype;
   LowPrecisionState low;
+  StateFormat state;
 };
 
 // A sparse (COO) gradient: everything but its indices' values (NOTE [sparse Adagrad rows]).
@@ -48,6 +50,7 @@ inline void check_sparse_indices_on_host(const char* op, size_t i, const at::Ten
 inline AdagradInputs check_adagrad_step(const char* op, at::TensorList params, at::TensorList grads,
                                         at::TensorList state_sums, at::TensorList state_steps,
                                         at::TensorList master_params, at::TensorList compensations,
+                                        at::TensorList state_sum_absmaxes, at::IntArrayRef rng_seeds,
                                         double weight_decay, const std::optional<at::Tensor>& grad_mult,
                                         const std::optional<at::Tensor>& found_inf,
                                         const std::optional<at::Tensor>& lr_tensor) {
@@ -55,12 +58,14 @@ inline AdagradInputs check_adagrad_step(const char* op, at::TensorList params, a
   check_length(op, "grads", grads, n);
   check_length(op, "state_sums", state_sums, n);
   check_length(op, "state_steps", state_steps, n);
-  AdagradInputs in{at::kFloat, at::kFloat, LowPrecisionState(op, params, master_params, compensations)};
+  AdagradInputs in{at::kFloat, at::kFloat, LowPrecisionState(op, params, master_params, compensations), {}};
   if (n == 0) return in;
   in.dtype = params[0].scalar_type();
   in.grad_dtype = grads[0].scalar_type();
   check_optimizer_dtypes(op, in.dtype, in.grad_dtype);
-  const auto state_dtype = in.low.state_dtype(in.dtype);
+  in.state = StateFormat(op, "state_sums", in.dtype, in.low, state_sums[0].scalar_type(), n, rng_seeds);
+  check_length(op, "state_sum_absmaxes", state_sum_absmaxes, in.state.quantized ? n : 0);
+  const auto state_dtype = in.state.dtype_of(false);
   const auto device = params[0].device();
   for (size_t i = 0; i < n; ++i) {
     const auto& p = params[i];
@@ -69,10 +74,13 @@ inline AdagradInputs check_adagrad_step(const char* op, at::TensorList params, a
                 p.device());
     if (grads[i].is_sparse()) {
       check_sparse_grad(op, i, grads[i], p, in.grad_dtype, weight_decay);
+      TORCH_CHECK(!in.state.quantized, op, ": grads[", i, "] is sparse; int8 block codes of `state_sums` take dense "
+                  "gradients only");
     } else {
       check_same_layout(op, "grads", i, grads[i], p, in.grad_dtype, device.type());
     }
     check_same_layout(op, "state_sums", i, state_sums[i], p, state_dtype, device.type());
+    if (in.state.quantized) check_absmax(op, "state_sum_absmaxes", i, state_sum_absmaxes[i], p, kQuantBlock);
     in.low.check(op, i, p, in.dtype);
     check_scalar(op, "state_steps[" + std::to_string(i) + "]", state_steps[i], device);
   }

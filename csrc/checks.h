@@ -111,6 +111,58 @@ struct LowPrecisionState {
   void* compensation(size_t i) const { return mode == cpu::PrecisionMode::KAHAN ? comps[i].data_ptr() : nullptr; }
 };
 
+// The optimizer ops' moments and their storage (NOTE [compressed optimizer state] in
+// csrc/state_codec.h): fp64 parameters keep fp64 moments; the others store them as fp32, bf16,
+// int8 block codes (int8 for a signed moment, uint8 for a non-negative one, each code list with a
+// list of its blocks' fp32 absmax), or in their own dtype (not next to master weights). The first
+// moment's dtype decides, every other moment follows. `rng_seeds`: none, or one per parameter
+// (stochastic rounding, NOTE [random bits]).
+struct StateFormat {
+  c10::ScalarType moment_dtype = at::kFloat;  // the first moment's (Char: int8 codes)
+  bool quantized = false;
+  bool stochastic = false;
+
+  StateFormat() = default;
+  StateFormat(const char* op, const char* first_name, c10::ScalarType dtype, const LowPrecisionState& low,
+              c10::ScalarType first, size_t n, at::IntArrayRef rng_seeds)
+      : moment_dtype(first), quantized(first == at::kChar || first == at::kByte), stochastic(!rng_seeds.empty()) {
+    if (dtype == at::kDouble) {
+      TORCH_CHECK(first == at::kDouble, op, ": expected ", first_name, "[0] to be Double (float64 parameters keep "
+                  "float64 state), got ", first);
+    } else {
+      const bool own = first == dtype && low.mode != cpu::PrecisionMode::MASTER;
+      TORCH_CHECK(own || first == at::kFloat || first == at::kBFloat16 || quantized, op, ": expected ", first_name,
+                  "[0] to be Float, BFloat16, int8 block codes",
+                  (low.mode != cpu::PrecisionMode::MASTER && dtype != at::kFloat ? " or the parameters' dtype" : ""),
+                  ", got ", first);
+    }
+    TORCH_CHECK(rng_seeds.empty() || rng_seeds.size() == n, op, ": expected rng_seeds to hold ", n,
+                " seeds (one per parameter) or none, got ", rng_seeds.size());
+    TORCH_CHECK(!stochastic || dtype != at::kHalf || low.mode != cpu::PrecisionMode::PLAIN, op,
+                ": stochastic rounding (rng_seeds) rounds bfloat16 values; float16 parameters need master weights "
+                "or compensated summation");
+  }
+
+  // A moment's storage dtype: codes are int8 for a signed moment, uint8 for a non-negative one.
+  c10::ScalarType dtype_of(bool is_signed) const {
+    return quantized ? (is_signed ? at::kChar : at::kByte) : moment_dtype;
+  }
+};
+
+// The absmax of a coded moment's blocks: fp32, one per kQuantBlock elements, contiguous, on the
+// parameter's device.
+inline void check_absmax(const char* op, const char* name, size_t i, const at::Tensor& absmax, const at::Tensor& p,
+                         int64_t block) {
+  const int64_t blocks = (p.numel() + block - 1) / block;
+  TORCH_CHECK(absmax.defined() && absmax.scalar_type() == at::kFloat && absmax.dim() == 1 &&
+                  absmax.numel() == blocks && absmax.is_contiguous(),
+              op, ": expected ", name, "[", i, "] to be a contiguous float32 vector of ", blocks, " block scales for ",
+              p.numel(), " elements, got ", absmax.defined() ? c10::toString(absmax.scalar_type()) : "undefined",
+              " ", absmax.defined() ? absmax.sizes() : at::IntArrayRef{});
+  TORCH_CHECK(absmax.device() == p.device(), op, ": expected ", name, "[", i, "] on ", p.device(),
+              " like its parameter, got ", absmax.device());
+}
+
 // The optimizer ops' loss scaling and clipping (pyeff/optim/_fused.py, NOTE [mixed-precision step]).
 // NOTE [overflow skip]: a non-zero found_inf skips the whole step; parameters, every state tensor and
 // the step counts stay bitwise unchanged.

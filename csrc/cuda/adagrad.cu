@@ -3,12 +3,14 @@
 // update of csrc/adagrad_math.h per element, then one launch that advances the step counts;
 // registration as torch.ops.pyeff.adagrad_step.cuda. Nothing is read on the host, but coalescing a
 // sparse gradient (torch's coalesce() learns the number of unique rows, a sync) unless it is
-// coalesced already. Contract and reference: pyeff/ops/adagrad.py; checks: csrc/adagrad.h.
+// coalesced already. Sums stored as int8 codes take the rounds of NOTE [CUDA int8 blocks]
+// (csrc/cuda/state_io.cuh). Contract and reference: pyeff/ops/adagrad.py; checks: csrc/adagrad.h.
 #include <ATen/core/Tensor.h>
 
 #include "adagrad.h"
 #include "adagrad_math.h"
 #include "cuda/elementwise.cuh"
+#include "cuda/state_io.cuh"
 #include "cuda/steps.cuh"
 #include "low_precision_math.h"
 #include "optimizer_types.h"
@@ -25,6 +27,8 @@ struct AdagradEntry {
   void* sum;
   float* master;       // MASTER only
   void* compensation;  // KAHAN only
+  float* sum_absmax;   // int8 codes only (NOTE [compressed optimizer state])
+  int64_t seed;        // stochastic rounding only (NOTE [random bits])
   const void* step;    // the step count before this step
   int64_t numel;       // elements to update: the parameter's, or nnz x row_numel for a sparse gradient
   // A sparse gradient's rows (indices null for a dense one): row r of the values lands at element
@@ -45,11 +49,21 @@ struct AdagradScalars {
   const float* found_inf;
 };
 
-template <typename P, typename G, PrecisionMode MODE>
+// Parameter storage P, gradient storage G, NOTE [low-precision parameter modes] MODE, sum storage
+// SS (Q8: int8 codes), SR: round bf16 values and codes stochastically.
+template <typename P, typename G, PrecisionMode MODE, typename SS, bool SR>
 struct AdagradChunk {
   using Acc = acc_t<P>;
-  using S = state_t<P, MODE>;
-  static constexpr int kW = kVec<P>;
+  static constexpr bool kCoded = std::is_same_v<SS, Q8>;
+  using S = std::conditional_t<kCoded, float, SS>;  // the element path's sum storage
+  // The int8 rounds and stochastic rounding need more than the 64 registers of 2 blocks per SM.
+  static constexpr int kBlocksPerSm = kCoded || SR ? 1 : 2;
+
+  // The key of random word 0 of NOTE [random bits] (the sum in its low half, the parameter in its
+  // high half), when SR.
+  struct Rounding {
+    RandomKey key;
+  };  // (the pointers point at element 0: i is an element's place in the tensor)
 
   struct Ptrs {
     P* param;
@@ -59,10 +73,30 @@ struct AdagradChunk {
     P* comp;
   };
 
+  template <int W>
+  C10_DEVICE static void store_param(const Ptrs& q, int64_t i, const Acc (&p)[W], const Acc (&old)[W],
+                                     const Rounding& r) {
+    if constexpr (MODE == PrecisionMode::MASTER) {
+      store<W>(q.master, i, p);
+      store<W>(q.param, i, p);
+    } else if constexpr (MODE == PrecisionMode::KAHAN) {
+      Acc comp[W], out[W];
+      load<W>(q.comp, i, comp);
+#pragma unroll
+      for (int k = 0; k < W; ++k) compensated_store(old[k], p[k], comp[k], out[k], RoundTo<P>());
+      store<W>(q.param, i, out);
+      store<W>(q.comp, i, comp);
+    } else if constexpr (SR && std::is_same_v<P, c10::BFloat16>) {  // PLAIN
+      store_rounded<W>(q.param, i, p, r.key, slot::kAdagradParam, i);
+    } else {
+      store<W>(q.param, i, p);
+    }
+  }
+
   // W consecutive elements: the parameter's (and its state's) from i, the gradient's from gi.
   template <int W, bool SPARSE>
   C10_DEVICE static void update(const Ptrs& q, int64_t i, int64_t gi, const AdagradHyper& h,
-                                const AdagradCoef<Acc>& c) {
+                                const AdagradCoef<Acc>& c, const Rounding& r) {
     Acc p[W], g[W], s[W], old[W];
     if constexpr (MODE == PrecisionMode::MASTER) {
       load<W>(q.master, i, p);
@@ -76,19 +110,40 @@ struct AdagradChunk {
       old[k] = p[k];
       adagrad_math<SPARSE>(h, c, p[k], g[k], s[k]);
     }
-    store<W>(q.sum, i, s);
-    if constexpr (MODE == PrecisionMode::MASTER) {
-      store<W>(q.master, i, p);
-      store<W>(q.param, i, p);
-    } else if constexpr (MODE == PrecisionMode::KAHAN) {
-      Acc comp[W], r[W];
-      load<W>(q.comp, i, comp);
-#pragma unroll
-      for (int k = 0; k < W; ++k) compensated_store(old[k], p[k], comp[k], r[k], RoundTo<P>());
-      store<W>(q.param, i, r);
-      store<W>(q.comp, i, comp);
+    if constexpr (SR && std::is_same_v<S, c10::BFloat16>) {
+      store_rounded<W>(q.sum, i, s, r.key, slot::kSum, i);
     } else {
-      store<W>(q.param, i, p);
+      store<W>(q.sum, i, s);
+    }
+    store_param<W>(q, i, p, old, r);
+  }
+
+  // The chunk [begin, end) of a tensor whose sum is int8 codes (dense gradients only): rounds of
+  // NOTE [CUDA int8 blocks], kQ8PerThread consecutive elements per thread.
+  C10_DEVICE static void update_coded(const AdagradEntry& e, const Ptrs& q, int64_t begin, int64_t end,
+                                      const AdagradHyper& h, const AdagradCoef<Acc>& c, const Rounding& r) {
+    constexpr int kN = kQ8PerThread;
+    const CodedRun<false> sum{static_cast<uint8_t*>(e.sum), e.sum_absmax};
+    for (int64_t round = begin; round < end; round += int64_t(kThreads) * kN) {
+      const int64_t i = round + int64_t(threadIdx.x) * kN;  // this thread's first element
+      const int n = i >= end ? 0 : (end - i < kN ? static_cast<int>(end - i) : kN);
+      Acc s[kN];
+      sum.load(i, n, s);
+      for (int k = 0; k < n; ++k) {
+        Acc p[1], old[1];
+        if constexpr (MODE == PrecisionMode::MASTER) {
+          load<1>(q.master, i + k, p);
+        } else {
+          load<1>(q.param, i + k, p);
+        }
+        old[0] = p[0];
+        adagrad_math<false>(h, c, p[0], Acc(q.grad[i + k]), s[k]);
+        store_param<1>(q, i + k, p, old, r);
+      }
+      const int32_t mine[1] = {largest_bits(s, n)};
+      float absmax[1];
+      group_absmax<1>(mine, absmax);
+      sum.template store<SR>(i, n, s, absmax[0], r.key, slot::kSum);
     }
   }
 
@@ -99,9 +154,13 @@ struct AdagradChunk {
     const double step = read_scalar(e.step, s.step_is_double) + 1;
     const AdagradCoef<Acc> c =
         adagrad_coef<Acc, Acc>(h, lr, step, s.grad_mult != nullptr ? Acc(*s.grad_mult) : Acc(1));
+    Rounding r{};
+    if constexpr (SR) r.key = random_key(e.seed, static_cast<int64_t>(step), 0);
     const Ptrs q{static_cast<P*>(e.param), static_cast<const G*>(e.grad), static_cast<S*>(e.sum), e.master,
                  static_cast<P*>(e.compensation)};
-    if (e.indices != nullptr) {  // a sparse gradient: element j of the values, row by row
+    if constexpr (kCoded) {
+      update_coded(e, q, begin, end, h, c, r);
+    } else if (e.indices != nullptr) {  // a sparse gradient: element j of the values, row by row
       for (int64_t j = begin + threadIdx.x; j < end; j += blockDim.x) {
         const int64_t row = j / e.row_numel;
         int64_t at = j - row * e.row_numel;
@@ -110,10 +169,16 @@ struct AdagradChunk {
           PYEFF_DEVICE_ASSERT(index >= 0 && index < e.sizes[d]);  // torch does not check indices
           at += index * e.strides[d];
         }
-        update<1, true>(q, at, j, h, c);
+        update<1, true>(q, at, j, h, c, r);
       }
-      return;
+    } else {
+      update_dense(q, begin, end, h, c, r);
     }
+  }
+
+  C10_DEVICE static void update_dense(const Ptrs& q, int64_t begin, int64_t end, const AdagradHyper& h,
+                                      const AdagradCoef<Acc>& c, const Rounding& r) {
+    constexpr int kW = kVec<P>;
     const bool aligned = is_aligned<kW>(q.param + begin) && is_aligned<kW>(q.grad + begin) &&
                          is_aligned<kW>(q.sum + begin) &&
                          (MODE != PrecisionMode::MASTER || is_aligned<kW>(q.master + begin)) &&
@@ -122,21 +187,22 @@ struct AdagradChunk {
     if (aligned) {
       const int64_t groups = (end - begin) / kW;
       for (int64_t k = threadIdx.x; k < groups; k += blockDim.x) {
-        update<kW, false>(q, begin + k * kW, begin + k * kW, h, c);
+        update<kW, false>(q, begin + k * kW, begin + k * kW, h, c, r);
       }
       i = begin + groups * kW;
     }
-    for (i += threadIdx.x; i < end; i += blockDim.x) update<1, false>(q, i, i, h, c);
+    for (i += threadIdx.x; i < end; i += blockDim.x) update<1, false>(q, i, i, h, c, r);
   }
 };
 
 void adagrad_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
                        at::TensorList state_steps, at::TensorList master_params, at::TensorList compensations,
-                       double lr, double lr_decay, double weight_decay, double eps, bool maximize,
-                       const std::optional<at::Tensor>& grad_mult, const std::optional<at::Tensor>& found_inf,
-                       const std::optional<at::Tensor>& lr_tensor) {
-  const AdagradInputs in = check_adagrad_step(kOp, params, grads, state_sums, state_steps, master_params,
-                                              compensations, weight_decay, grad_mult, found_inf, lr_tensor);
+                       at::TensorList state_sum_absmaxes, at::IntArrayRef rng_seeds, double lr, double lr_decay,
+                       double weight_decay, double eps, bool maximize, const std::optional<at::Tensor>& grad_mult,
+                       const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& lr_tensor) {
+  const AdagradInputs in =
+      check_adagrad_step(kOp, params, grads, state_sums, state_steps, master_params, compensations,
+                         state_sum_absmaxes, rng_seeds, weight_decay, grad_mult, found_inf, lr_tensor);
   const size_t n = params.size();
   if (n == 0) return;
   TORCH_CHECK(params[0].device().type() == kDeviceType, kOp, ": the cuda backend takes CUDA tensors, got ",
@@ -160,6 +226,8 @@ void adagrad_step_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
     e.sum = state_sums[i].data_ptr();
     e.master = in.low.master(i);
     e.compensation = in.low.compensation(i);
+    e.sum_absmax = in.state.quantized ? state_sum_absmaxes[i].data_ptr<float>() : nullptr;
+    e.seed = rng_seeds.empty() ? 0 : rng_seeds[i];
     e.step = state_steps[i].const_data_ptr();
     e.numel = params[i].numel();
     if (grads[i].is_sparse()) {
@@ -194,13 +262,22 @@ void adagrad_step_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
   s.grad_mult = grad_mult ? grad_mult->const_data_ptr<float>() : nullptr;
   s.found_inf = found_inf ? found_inf->const_data_ptr<float>() : nullptr;
 
-  dispatch_optimizer_types(in.dtype, in.grad_dtype, in.low.mode, [&](auto p, auto g, auto mode) {
+  dispatch_optimizer_state_types(in.dtype, in.grad_dtype, in.low.mode, in.state.moment_dtype,
+                                 [&](auto p, auto g, auto mode, auto sum) {
     using P = typename decltype(p)::type;
     using G = typename decltype(g)::type;
-    launch_multi_tensor(entries, work, AdagradChunk<P, G, decltype(mode)::value>{}, s);
+    using S = typename decltype(sum)::type;
+    constexpr PrecisionMode MODE = decltype(mode)::value;
+    // Stochastic rounding is its own instantiation where something can be rounded (fp32 math).
+    constexpr bool kMayRound = std::is_same_v<S, Q8> || std::is_same_v<S, c10::BFloat16> ||
+                               (std::is_same_v<P, c10::BFloat16> && MODE == PrecisionMode::PLAIN);
+    if constexpr (kMayRound) {
+      if (in.state.stochastic) return launch_multi_tensor(entries, work, AdagradChunk<P, G, MODE, S, true>{}, s);
+    }
+    launch_multi_tensor(entries, work, AdagradChunk<P, G, MODE, S, false>{}, s);
   });
   advance_steps(state_steps, s.found_inf);
-  bump_versions({params, state_sums, state_steps, master_params, compensations});
+  bump_versions({params, state_sums, state_steps, master_params, compensations, state_sum_absmaxes});
 }
 
 }  // namespace

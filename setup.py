@@ -158,6 +158,21 @@ class _BuildExt(cpp_extension.BuildExtension):
         print(f"pyeff: {Path(path).name}: C++ errors reach Python intact (pyeff/_cxx_runtime.py)")
 
 
+def _locate_toolkit() -> None:
+    """Without CUDA_HOME, torch guesses the toolkit as the folder above the first nvcc on PATH, which
+    is wrong when that nvcc is a wrapper (/usr/local/bin/nvcc): the C++ files that include CUDA
+    headers then fail. Ask nvcc where its toolkit is (`--dryrun` prints it as TOP) and use that."""
+    home = Path(cpp_extension.CUDA_HOME)
+    if (home / "include" / "cuda_runtime.h").exists():
+        return
+    out = subprocess.run([str(home / "bin" / "nvcc"), "--dryrun", "-c", "-x", "cu", os.devnull], capture_output=True,
+                         text=True)
+    top = re.search(r"^#\$ TOP=(.*)$", out.stdout + out.stderr, re.M)
+    if top and (Path(top.group(1)) / "include" / "cuda_runtime.h").exists():
+        cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"] = str(Path(top.group(1)).resolve())
+        print(f"pyeff: CUDA toolkit at {cpp_extension.CUDA_HOME} (set CUDA_HOME to choose another)")
+
+
 def _cuda_toolkit_usable() -> bool:
     """Whether to compile the CUDA sources: torch has CUDA and a toolkit of the same major version
     is installed (torch refuses to build with another; the CPU kernels are then built alone)."""
@@ -165,6 +180,7 @@ def _cuda_toolkit_usable() -> bool:
 
     if torch.version.cuda is None or cpp_extension.CUDA_HOME is None:
         return False
+    _locate_toolkit()
     nvcc = Path(cpp_extension.CUDA_HOME) / "bin" / "nvcc"
     try:
         release = re.search(r"release (\d+)\.", subprocess.run([str(nvcc), "--version"], capture_output=True,

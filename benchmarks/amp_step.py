@@ -36,11 +36,13 @@ def _bf16_params(sizes, seed=0):
     return params
 
 
-def pyeff_step(sizes):
-    params = _bf16_params(sizes)
-    opt = pyeff.optim.AdamW(params, lr=1e-3, master_weights=True, max_grad_norm=1.0)
-    scaler = pyeff.amp.GradScaler("cpu", init_scale=SCALE, growth_interval=10**9)
-    scaler.scale(torch.ones(()))  # what scaling the loss does first: creates the scale tensor
+def pyeff_step(params, backend=None):
+    """pyeff's whole step over bf16 `params` (with scaled gradients): master weights, clipping and
+    the loss scale fused in."""
+    device = params[0].device
+    opt = pyeff.optim.AdamW(params, lr=1e-3, master_weights=True, max_grad_norm=1.0, backend=backend)
+    scaler = pyeff.amp.GradScaler(device.type, init_scale=SCALE, growth_interval=10**9)
+    scaler.scale(torch.ones((), device=device))  # what scaling the loss does first: creates the scale tensor
 
     def step():
         scaler.step(opt)
@@ -49,14 +51,15 @@ def pyeff_step(sizes):
     return step
 
 
-def torch_step(sizes):
-    params = _bf16_params(sizes)
+def torch_step(params):
+    """torch's best composition of the same step over bf16 `params` (see the module docstring)."""
+    device = params[0].device
     masters = [torch.nn.Parameter(p.detach().float()) for p in params]
     for m in masters:
         m.grad = torch.empty_like(m)
     opt = torch.optim.AdamW(masters, lr=1e-3, fused=True)
-    scaler = torch.amp.GradScaler("cpu", init_scale=SCALE, growth_interval=10**9)
-    scaler.scale(torch.ones(()))
+    scaler = torch.amp.GradScaler(device.type, init_scale=SCALE, growth_interval=10**9)
+    scaler.scale(torch.ones((), device=device))
     grads = [p.grad for p in params]
     master_grads = [m.grad for m in masters]
 
@@ -76,7 +79,7 @@ def run(quick: bool = False, out_dir: Path | None = None) -> list[bench.Row]:
     sizes = bench.model_like_sizes() if not quick else bench.model_like_sizes(3_000_000)
     numel = sum(sizes)
     rounds = 5 if quick else 15
-    fns = {"pyeff_cpu": pyeff_step(sizes), "torch_composition": torch_step(sizes)}
+    fns = {"pyeff_cpu": pyeff_step(_bf16_params(sizes)), "torch_composition": torch_step(_bf16_params(sizes))}
     for fn in fns.values():
         fn()
     case = f"{len(sizes)} tensors {numel / 1e6:.0f}M bf16+master"

@@ -33,13 +33,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as bench  # noqa: E402
+import amp_step  # noqa: E402
 
 import pyeff  # noqa: E402
 
 TOTAL = 256_000_000
 COUNT = 300
 TORCH_PROVIDERS = ("torch_fused", "torch_foreach", "torch_composition")
-SCALE = 2.0**12
 
 
 def timed_rounds(fns: dict, rounds: int, device: torch.device, warmup: int = 2) -> dict[str, list[float]]:
@@ -113,37 +113,11 @@ def adagrad_contenders(sizes, device, backends):
 
 
 def amp_contenders(sizes, device, backends):
-    """pyeff's fused mixed-precision step vs torch's composition, on the same bf16 parameters."""
-    params = _params(sizes, device, torch.bfloat16, grad_scale=SCALE * 1e-3)
-    fns = {}
-    for b in backends:
-        opt = pyeff.optim.AdamW(params, lr=1e-3, master_weights=True, max_grad_norm=1.0, backend=b)
-        scaler = pyeff.amp.GradScaler(device.type, init_scale=SCALE, growth_interval=10**9)
-        scaler.scale(torch.ones((), device=device))  # what scaling the loss does first: makes the scale
-
-        def step(opt=opt, scaler=scaler):
-            scaler.step(opt)
-            scaler.update()
-
-        fns[f"pyeff_{b}"] = step
-    masters = [torch.nn.Parameter(p.detach().float()) for p in params]
-    for m in masters:
-        m.grad = torch.empty_like(m)
-    opt = torch.optim.AdamW(masters, lr=1e-3, fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type, init_scale=SCALE, growth_interval=10**9)
-    scaler.scale(torch.ones((), device=device))
-    grads, master_grads = [p.grad for p in params], [m.grad for m in masters]
-
-    def torch_step():
-        torch._foreach_copy_(master_grads, grads)
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(masters, 1.0)
-        scaler.step(opt)
-        scaler.update()
-        with torch.no_grad():
-            torch._foreach_copy_(params, masters)
-
-    fns["torch_composition"] = torch_step
+    """pyeff's fused mixed-precision step vs torch's composition (benchmarks/amp_step.py), on the
+    same bf16 parameters."""
+    params = _params(sizes, device, torch.bfloat16, grad_scale=amp_step.SCALE * 1e-3)
+    fns = {f"pyeff_{b}": amp_step.pyeff_step(params, backend=b) for b in backends}
+    fns["torch_composition"] = amp_step.torch_step(params)
     for fn in fns.values():
         fn()
     return fns

@@ -48,7 +48,7 @@ void adagrad_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
                       at::TensorList state_sum_absmaxes, at::IntArrayRef rng_seeds, double lr, double lr_decay,
                       double weight_decay, double eps, bool maximize, const std::optional<at::Tensor>& grad_mult,
                       const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& lr_tensor) {
-  const AdagradInputs in =
+  const OptimizerInputs in =
       check_adagrad_step(kOp, params, grads, state_sums, state_steps, master_params, compensations,
                          state_sum_absmaxes, rng_seeds, weight_decay, grad_mult, found_inf, lr_tensor);
   const size_t n = params.size();

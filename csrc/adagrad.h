@@ -9,12 +9,6 @@
 
 namespace pyeff {
 
-struct AdagradInputs {
-  c10::ScalarType dtype, grad_dtype;
-  LowPrecisionState low;
-  StateFormat state;
-};
-
 // A sparse (COO) gradient: everything but its indices' values (NOTE [sparse Adagrad rows]).
 inline void check_sparse_grad(const char* op, size_t i, const at::Tensor& grad, const at::Tensor& param,
                               c10::ScalarType grad_dtype, double weight_decay) {
@@ -47,45 +41,34 @@ inline void check_sparse_indices_on_host(const char* op, size_t i, const at::Ten
   }
 }
 
-inline AdagradInputs check_adagrad_step(const char* op, at::TensorList params, at::TensorList grads,
-                                        at::TensorList state_sums, at::TensorList state_steps,
-                                        at::TensorList master_params, at::TensorList compensations,
-                                        at::TensorList state_sum_absmaxes, at::IntArrayRef rng_seeds,
-                                        double weight_decay, const std::optional<at::Tensor>& grad_mult,
-                                        const std::optional<at::Tensor>& found_inf,
-                                        const std::optional<at::Tensor>& lr_tensor) {
+inline OptimizerInputs check_adagrad_step(const char* op, at::TensorList params, at::TensorList grads,
+                                         at::TensorList state_sums, at::TensorList state_steps,
+                                         at::TensorList master_params, at::TensorList compensations,
+                                         at::TensorList state_sum_absmaxes, at::IntArrayRef rng_seeds,
+                                         double weight_decay, const std::optional<at::Tensor>& grad_mult,
+                                         const std::optional<at::Tensor>& found_inf,
+                                         const std::optional<at::Tensor>& lr_tensor) {
   const size_t n = params.size();
-  check_length(op, "grads", grads, n);
   check_length(op, "state_sums", state_sums, n);
-  check_length(op, "state_steps", state_steps, n);
-  AdagradInputs in{at::kFloat, at::kFloat, LowPrecisionState(op, params, master_params, compensations), {}};
-  if (n == 0) return in;
-  in.dtype = params[0].scalar_type();
-  in.grad_dtype = grads[0].scalar_type();
-  check_optimizer_dtypes(op, in.dtype, in.grad_dtype);
-  in.state = StateFormat(op, "state_sums", in.dtype, in.low, state_sums[0].scalar_type(), n, rng_seeds);
-  check_length(op, "state_sum_absmaxes", state_sum_absmaxes, in.state.quantized ? n : 0);
-  const auto state_dtype = in.state.dtype_of(false);
-  const auto device = params[0].device();
-  for (size_t i = 0; i < n; ++i) {
-    const auto& p = params[i];
-    check_same_layout(op, "params", i, p, p, in.dtype, device.type());
-    TORCH_CHECK(p.device() == device, op, ": expected params[", i, "] on ", device, " like params[0], got ",
-                p.device());
-    if (grads[i].is_sparse()) {
-      check_sparse_grad(op, i, grads[i], p, in.grad_dtype, weight_decay);
-      TORCH_CHECK(!in.state.quantized, op, ": grads[", i, "] is sparse; int8 block codes of `state_sums` take dense "
-                  "gradients only");
-    } else {
-      check_same_layout(op, "grads", i, grads[i], p, in.grad_dtype, device.type());
-    }
-    check_same_layout(op, "state_sums", i, state_sums[i], p, state_dtype, device.type());
-    if (in.state.quantized) check_absmax(op, "state_sum_absmaxes", i, state_sum_absmaxes[i], p, kQuantBlock);
-    in.low.check(op, i, p, in.dtype);
-    check_scalar(op, "state_steps[" + std::to_string(i) + "]", state_steps[i], device);
-  }
-  check_controls(op, device, grad_mult, found_inf, lr_tensor);
-  return in;
+  // NOTE [compressed optimizer state]: int8 codes of the sums come with their blocks' absmax.
+  const bool coded = n > 0 && (state_sums[0].scalar_type() == at::kChar || state_sums[0].scalar_type() == at::kByte);
+  check_length(op, "state_sum_absmaxes", state_sum_absmaxes, coded ? n : 0);
+  return check_optimizer_step(
+      op, params, grads, state_steps, master_params, compensations, {"state_sums", state_sums, rng_seeds}, grad_mult,
+      found_inf, lr_tensor,
+      [&](size_t i, const at::Tensor& p, c10::ScalarType grad_dtype) {
+        if (grads[i].is_sparse()) {
+          check_sparse_grad(op, i, grads[i], p, grad_dtype, weight_decay);
+          TORCH_CHECK(!coded, op, ": grads[", i, "] is sparse; int8 block codes of `state_sums` take dense gradients "
+                      "only");
+        } else {
+          check_same_layout(op, "grads", i, grads[i], p, grad_dtype, p.device().type());
+        }
+      },
+      [&](size_t i, const at::Tensor& p, const StateFormat& state) {
+        check_same_layout(op, "state_sums", i, state_sums[i], p, state.dtype_of(false), p.device().type());
+        if (state.quantized) check_absmax(op, "state_sum_absmaxes", i, state_sum_absmaxes[i], p, kQuantBlock);
+      });
 }
 
 }  // namespace pyeff

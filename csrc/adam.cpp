@@ -19,7 +19,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                    bool amsgrad, bool maximize, bool decoupled_weight_decay,
                    const std::optional<at::Tensor>& grad_mult, const std::optional<at::Tensor>& found_inf,
                    const std::optional<at::Tensor>& lr_tensor) {
-  const AdamInputs in =
+  const OptimizerInputs in =
       check_adam_step(kOp, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, master_params,
                       compensations, exp_avg_absmaxes, exp_avg_sq_absmaxes, max_exp_avg_sq_absmaxes, rng_seeds,
                       amsgrad, grad_mult, found_inf, lr_tensor);

@@ -193,6 +193,58 @@ inline GradScaling grad_scaling(const char* op, const std::optional<at::Tensor>&
   return g;
 }
 
+// The checks every optimizer op makes, after the caller checked the lengths of its own state lists:
+// gradients and step counts one per parameter, the dtypes, each parameter's device and layout, its
+// gradient (check_grad(i, p, grad_dtype): an op that takes sparse gradients checks them its way),
+// the storage of its moments (StateFormat, from `moments`: the list whose dtype decides it, and the
+// seeds of stochastic rounding), its state tensors (check_state(i, p, format)), its low-precision
+// state and step count, and the control scalars. Returns the dtypes, the low-precision mode and the
+// state format.
+struct OptimizerInputs {
+  c10::ScalarType dtype, grad_dtype;
+  LowPrecisionState low;
+  StateFormat state;
+};
+
+struct MomentLists {
+  const char* name;        // of `first`
+  at::TensorList first;    // the first moment (empty: the op keeps none, its format is the default)
+  at::IntArrayRef rng_seeds;
+};
+
+template <typename CheckGrad, typename CheckState>
+OptimizerInputs check_optimizer_step(const char* op, at::TensorList params, at::TensorList grads,
+                                     at::TensorList state_steps, at::TensorList master_params,
+                                     at::TensorList compensations, const MomentLists& moments,
+                                     const std::optional<at::Tensor>& grad_mult,
+                                     const std::optional<at::Tensor>& found_inf,
+                                     const std::optional<at::Tensor>& lr_tensor, const CheckGrad& check_grad,
+                                     const CheckState& check_state) {
+  const size_t n = params.size();
+  check_length(op, "grads", grads, n);
+  check_length(op, "state_steps", state_steps, n);
+  OptimizerInputs in{at::kFloat, at::kFloat, LowPrecisionState(op, params, master_params, compensations), {}};
+  if (n == 0) return in;
+  in.dtype = params[0].scalar_type();
+  in.grad_dtype = grads[0].scalar_type();
+  check_optimizer_dtypes(op, in.dtype, in.grad_dtype);
+  const auto first = moments.first.empty() ? in.low.state_dtype(in.dtype) : moments.first[0].scalar_type();
+  in.state = StateFormat(op, moments.name, in.dtype, in.low, first, n, moments.rng_seeds);
+  const auto device = params[0].device();
+  for (size_t i = 0; i < n; ++i) {
+    const auto& p = params[i];
+    check_same_layout(op, "params", i, p, p, in.dtype, device.type());
+    TORCH_CHECK(p.device() == device, op, ": expected params[", i, "] on ", device, " like params[0], got ",
+                p.device());
+    check_grad(i, p, in.grad_dtype);
+    check_state(i, p, in.state);
+    in.low.check(op, i, p, in.dtype);
+    check_scalar(op, "state_steps[" + std::to_string(i) + "]", state_steps[i], device);
+  }
+  check_controls(op, device, grad_mult, found_inf, lr_tensor);
+  return in;
+}
+
 // After the kernel: each step count becomes the value host_scalar read before it, plus one (written
 // without a dispatcher round trip).
 inline void advance_steps(at::TensorList state_steps, const std::vector<double>& before) {

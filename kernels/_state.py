@@ -6,6 +6,10 @@ kernels. uint32 arithmetic wraps as in C++."""
 import triton
 import triton.language as tl
 
+from . import _optim
+from ._rounding import cast_rne
+from ._tables import div_ieee
+
 QUANT_BLOCK = 256
 
 
@@ -120,3 +124,65 @@ def block_absmax(x, mask):
     a = tl.where(mask & (a < 0x7F800000), a, 0).to(tl.int32)
     largest = tl.max(a, axis=1).to(tl.float32, bitcast=True)
     return tl.maximum(largest, 1.1754943508222875e-38)
+
+
+# ---------------------------------------------------------------- loads and stores of the optimizer kernels
+
+
+def blocks_per_step(block: int) -> int:
+    """int8 blocks a CODED program takes per step of its loop: about BLOCK elements, one block at least."""
+    return max(1, block // QUANT_BLOCK)
+
+
+@triton.jit
+def block_tile(first, end, QBLOCKS: tl.constexpr):
+    """(blocks, i, mask, bmask): QBLOCKS whole int8 blocks from element `first` (a multiple of
+    QUANT_BLOCK) as a (QBLOCKS, QUANT_BLOCK) tile of element indices, and which exist below `end`."""
+    blocks = first // QUANT_BLOCK + tl.arange(0, QBLOCKS)
+    i = blocks[:, None] * QUANT_BLOCK + tl.arange(0, QUANT_BLOCK)[None, :]
+    return blocks, i, i < end, blocks * QUANT_BLOCK < end
+
+
+@triton.jit
+def load_codes(codes, absmax, i, blocks, mask, bmask, SIGNED: tl.constexpr):
+    """A tile of int8-coded moments in fp32."""
+    scale = tl.load(absmax + blocks, mask=bmask, other=0.0)
+    return decode(tl.load(codes + i, mask=mask, other=0), SIGNED) * scale[:, None]
+
+
+@triton.jit
+def store_codes(codes, absmax, i, blocks, mask, bmask, x, SIGNED: tl.constexpr, SR: tl.constexpr, k0, k1,
+                SLOT: tl.constexpr):
+    """Store a tile of fp32 moments as int8 codes with each block's absmax, rounded to nearest even
+    or, when SR, stochastically with the bits of SLOT."""
+    scale = block_absmax(x, mask)
+    x = x * div_ieee(tl.full(scale.shape, 1.0, tl.float32), scale)[:, None]
+    r16 = tl.zeros(x.shape, tl.uint32)
+    if SR:
+        r16 = slot_bits(k0, k1, i.to(tl.int64), SLOT)
+    if SIGNED:
+        c = encode_signed(x, r16, SR)
+    else:
+        c = encode_unsigned(x, r16, SR)
+    tl.store(codes + i, c, mask=mask)
+    tl.store(absmax + blocks, scale, mask=bmask)
+
+
+@triton.jit
+def store_rounded(ptr, i, mask, x, DTYPE: tl.constexpr, SR: tl.constexpr, k0, k1, SLOT: tl.constexpr):
+    """Store fp32 x as DTYPE: a bf16 value rounded stochastically when SR, else to nearest even."""
+    if SR and DTYPE == tl.bfloat16:
+        tl.store(ptr + i, bf16_stochastic(x, slot_bits(k0, k1, i.to(tl.int64), SLOT)), mask=mask)
+    else:
+        tl.store(ptr + i, cast_rne(x, DTYPE), mask=mask)
+
+
+@triton.jit
+def store_param(param, master, comp, i, mask, p, old, P: tl.constexpr, ACC: tl.constexpr, MODE: tl.constexpr,
+                SR: tl.constexpr, k0, k1, SLOT: tl.constexpr):
+    """kernels/_optim.store_param, but a bf16 parameter without master weights or compensation
+    rounded stochastically when SR."""
+    if SR and MODE == 0 and P == tl.bfloat16:
+        store_rounded(param, i, mask, p, P, SR, k0, k1, SLOT)
+    else:
+        _optim.store_param(param, master, comp, i, mask, p, old, P, ACC, MODE)

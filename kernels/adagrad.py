@@ -20,8 +20,8 @@ import triton.language as tl
 
 from . import _state as Q
 from . import _tables as T
+from ._optim import advance_steps, column, load_param, mode_of, program_chunk, step_scalars
 from ._tables import div_ieee, f64, sqrt_ieee
-from .adam import KAHAN, MASTER, PLAIN, _column, advance_steps, store_codes, store_param, store_rounded
 
 MAX_SPARSE_DIMS = 4
 # The columns of a tensor's row in the table (a sparse gradient's rows: NOTE [sparse Adagrad rows]).
@@ -45,59 +45,39 @@ def _adagrad_kernel(
     HAS_LR_TENSOR: tl.constexpr, HAS_SPARSE: tl.constexpr, ALIGNED: tl.constexpr,
     CODED: tl.constexpr,  # sums are int8 codes, gradients dense (NOTE [compressed optimizer state])
     SR: tl.constexpr,  # round bf16 values and codes stochastically (NOTE [random bits])
-    QBLOCKS: tl.constexpr,  # int8 blocks per step of a CODED program's loop
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    QBLOCKS: tl.constexpr,  # int8 blocks per step of a CODED program's loop
 ):
-    pid = tl.program_id(0)
-    t = tl.load(Chunks + 2 * pid)
-    start = tl.multiple_of(tl.load(Chunks + 2 * pid + 1), CHUNK)
-    row = Table + _COLUMNS * t.to(tl.int64)
-    end = tl.minimum(start + CHUNK, tl.load(row + _NUMEL))
-    if HAS_FOUND_INF:  # a skipped step: no element to update (NOTE [overflow skip] in csrc/checks.h)
-        end = tl.where(tl.load(FoundInf) == 0, end, start)
-
+    row, start, end = program_chunk(Table, Chunks, FoundInf, _COLUMNS, HAS_FOUND_INF, CHUNK)
     # ---- this tensor's coefficients: double, rounded once to the math type
-    lr = f64(lr_bits)
-    if HAS_LR_TENSOR:
-        lr = tl.load(LrTensor).to(tl.float64)
-    step = tl.load(tl.load(row + _STEP).to(tl.pointer_type(STEP))).to(tl.float64) + 1.0
+    lr, step, grad_mult = step_scalars(row, _STEP, lr_bits, LrTensor, GradMult, STEP, ACC, HAS_LR_TENSOR, HAS_MULT)
     neg_clr = (-(lr / (1.0 + (step - 1.0) * f64(lr_decay_bits)))).to(ACC)
     eps = f64(eps_bits).to(ACC)
     weight_decay = f64(weight_decay_bits).to(ACC)
-    grad_mult = tl.full((), 1.0, ACC)
-    if HAS_MULT:
-        grad_mult = tl.load(GradMult).to(ACC)
 
     # Stochastic rounding's word 0 (NOTE [random bits]): the sum in its low half, the parameter in its high half.
     k0, k1 = Q.random_key(tl.load(row + _SEED), step, 0)
 
-    param = _column(row, _PARAM, P, ALIGNED)
-    grad = _column(row, _GRAD, G, ALIGNED)
-    master = _column(row, _MASTER, tl.float32, ALIGNED)
-    comp = _column(row, _COMP, P, ALIGNED)
+    param = column(row, _PARAM, P, ALIGNED)
+    grad = column(row, _GRAD, G, ALIGNED)
+    master = column(row, _MASTER, tl.float32, ALIGNED)
+    comp = column(row, _COMP, P, ALIGNED)
     if CODED:
         # ---- int8 sums, dense gradients: QBLOCKS whole blocks at a time, a row each
-        codes = _column(row, _SUM, tl.uint8, False)
-        absmax = _column(row, _SUM_ABSMAX, tl.float32, False)
+        codes = column(row, _SUM, tl.uint8, False)
+        absmax = column(row, _SUM_ABSMAX, tl.float32, False)
         for off in range(0, end - start, QBLOCKS * Q.QUANT_BLOCK):
-            blocks = (start + off) // Q.QUANT_BLOCK + tl.arange(0, QBLOCKS)
-            i = blocks[:, None] * Q.QUANT_BLOCK + tl.arange(0, Q.QUANT_BLOCK)[None, :]
-            mask = i < end
-            bmask = blocks * Q.QUANT_BLOCK < end
-            if MODE == 1:
-                p = tl.load(master + i, mask=mask).to(ACC)
-            else:
-                p = tl.load(param + i, mask=mask).to(ACC)
+            blocks, i, mask, bmask = Q.block_tile(start + off, end, QBLOCKS)
+            p = load_param(param, master, i, mask, ACC, MODE)
             old = p
             g = tl.load(grad + i, mask=mask).to(ACC)
-            s = Q.decode(tl.load(codes + i, mask=mask, other=0), False) * \
-                tl.load(absmax + blocks, mask=bmask, other=0.0)[:, None]
+            s = Q.load_codes(codes, absmax, i, blocks, mask, bmask, False)
             p, s = _adagrad_math(p, g, s, grad_mult, weight_decay, eps, neg_clr, False, False, HAS_MULT, MAXIMIZE,
                                  WEIGHT_DECAY)
-            store_codes(codes, absmax, i, blocks, mask, bmask, s, False, SR, k0, k1, 0)
-            store_param(param, master, comp, i, mask, p, old, P, ACC, MODE, SR, k0, k1, 1)
+            Q.store_codes(codes, absmax, i, blocks, mask, bmask, s, False, SR, k0, k1, 0)
+            Q.store_param(param, master, comp, i, mask, p, old, P, ACC, MODE, SR, k0, k1, 1)
         return
-    sums = _column(row, _SUM, S, ALIGNED)
+    sums = column(row, _SUM, S, ALIGNED)
     indices = tl.load(row + _INDICES).to(tl.pointer_type(tl.int64))
     sparse = False
     if HAS_SPARSE:
@@ -120,10 +100,7 @@ def _adagrad_kernel(
                                      "adagrad_step: a sparse gradient's index is outside its parameter")
                     i += tl.where(in_dims, index * tl.load(row + _STRIDES + d), 0)
         # ---- load
-        if MODE == 1:
-            p = tl.load(master + i, mask=mask).to(ACC)
-        else:
-            p = tl.load(param + i, mask=mask).to(ACC)
+        p = load_param(param, master, i, mask, ACC, MODE)
         old = p
         g = tl.load(grad + j, mask=mask).to(ACC)
         s = tl.load(sums + i, mask=mask).to(ACC)
@@ -131,8 +108,8 @@ def _adagrad_kernel(
         p, s = _adagrad_math(p, g, s, grad_mult, weight_decay, eps, neg_clr, sparse, HAS_SPARSE, HAS_MULT, MAXIMIZE,
                              WEIGHT_DECAY)
         # ---- store
-        store_rounded(sums, i, mask, s, S, SR, k0, k1, 0)
-        store_param(param, master, comp, i, mask, p, old, P, ACC, MODE, SR, k0, k1, 1)
+        Q.store_rounded(sums, i, mask, s, S, SR, k0, k1, 0)
+        Q.store_param(param, master, comp, i, mask, p, old, P, ACC, MODE, SR, k0, k1, 1)
 
 
 @triton.jit
@@ -181,7 +158,7 @@ def adagrad_step(params, grads, state_sums, state_steps, master_params, compensa
     if not params:
         return
     device = params[0].device
-    mode = MASTER if master_params else KAHAN if compensations else PLAIN
+    mode = mode_of(master_params, compensations)
     # Sparse gradients coalesced (the update is non-linear in them) and their values made contiguous;
     # alive until the launch is queued (the caching allocator reuses their memory in stream order).
     grads = [g.coalesce() if g.is_sparse else g for g in grads]
@@ -202,11 +179,10 @@ def adagrad_step(params, grads, state_sums, state_steps, master_params, compensa
             lr_tensor if lr_tensor is not None else table, T.bits(lr), T.bits(lr_decay), T.bits(eps),
             T.bits(weight_decay), P=T.to_tl(params[0].dtype), G=T.to_tl(values[0].dtype),
             S=tl.float32 if coded else T.to_tl(state_sums[0].dtype), STEP=T.to_tl(state_steps[0].dtype),
-            ACC=T.to_tl(acc), MODE=mode,
-            MAXIMIZE=maximize, WEIGHT_DECAY=weight_decay != 0, HAS_MULT=grad_mult is not None,
+            ACC=T.to_tl(acc), MODE=mode, MAXIMIZE=maximize, WEIGHT_DECAY=weight_decay != 0, HAS_MULT=grad_mult is not None,
             HAS_FOUND_INF=found_inf is not None, HAS_LR_TENSOR=lr_tensor is not None, HAS_SPARSE=has_sparse,
             ALIGNED=not has_sparse and T.all_aligned(rows, _VECTOR_COLUMNS), CODED=coded,
-            SR=bool(rng_seeds) and acc == torch.float32, QBLOCKS=max(1, T.BLOCK // 256), CHUNK=T.CHUNK,
-            BLOCK=T.BLOCK, **T.launch_options())
+            SR=bool(rng_seeds) and acc == torch.float32, CHUNK=T.CHUNK, BLOCK=T.BLOCK,
+            QBLOCKS=Q.blocks_per_step(T.BLOCK), **T.launch_options())
     advance_steps(state_steps, found_inf)
     T.bump_versions(params, state_sums, state_steps, master_params, compensations, state_sum_absmaxes)

@@ -20,10 +20,9 @@ import triton.language as tl
 
 from . import _state as Q
 from . import _tables as T
-from ._rounding import cast_rne
+from ._optim import advance_steps, column, load_param, mode_of, program_chunk, step_scalars
 from ._tables import div_ieee, f64, pow_int, sqrt_ieee
 
-PLAIN, MASTER, KAHAN = 0, 1, 2
 # The columns of a tensor's row in the table.
 (_NUMEL, _PARAM, _GRAD, _EXP_AVG, _EXP_AVG_SQ, _MAX_SQ, _MASTER, _COMP, _STEP, _EXP_AVG_ABSMAX, _EXP_AVG_SQ_ABSMAX,
  _MAX_SQ_ABSMAX, _SEED) = map(tl.constexpr, range(13))
@@ -34,64 +33,10 @@ _SLOT_EXP_AVG, _SLOT_EXP_AVG_SQ, _SLOT_MAX_SQ, _SLOT_PARAM = map(tl.constexpr, r
 
 
 @triton.jit
-def _column(row, k, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
-    ptr = tl.load(row + k).to(tl.pointer_type(DTYPE))
-    if ALIGNED:
-        ptr = tl.multiple_of(ptr, 16)
-    return ptr
-
-
-@triton.jit
-def store_rounded(ptr, i, mask, x, DTYPE: tl.constexpr, SR: tl.constexpr, k0, k1, SLOT: tl.constexpr):
-    """Store fp32 x as DTYPE: a bf16 value rounded stochastically when SR (NOTE [random bits]), else
-    to nearest even."""
-    if SR and DTYPE == tl.bfloat16:
-        tl.store(ptr + i, Q.bf16_stochastic(x, Q.slot_bits(k0, k1, i.to(tl.int64), SLOT)), mask=mask)
-    else:
-        tl.store(ptr + i, cast_rne(x, DTYPE), mask=mask)
-
-
-@triton.jit
-def store_param(param, master, comp, i, mask, p, old, P: tl.constexpr, ACC: tl.constexpr, MODE: tl.constexpr,
-                SR: tl.constexpr, k0, k1, SLOT: tl.constexpr):
-    """Store the updated parameter values p, whose values before the update were old, in each mode
-    of NOTE [low-precision parameter modes]; a bf16 parameter of the PLAIN mode rounded
-    stochastically when SR."""
-    if MODE == 1:
-        tl.store(master + i, p, mask=mask)
-        tl.store(param + i, cast_rne(p, P), mask=mask)
-    elif MODE == 2:  # NOTE [compensated summation] (csrc/low_precision_math.h)
-        y = (p - old) + tl.load(comp + i, mask=mask).to(ACC)
-        rounded = cast_rne(old + y, P)
-        tl.store(param + i, rounded, mask=mask)
-        tl.store(comp + i, cast_rne(y - (rounded.to(ACC) - old), P), mask=mask)
-    else:
-        store_rounded(param, i, mask, p, P, SR, k0, k1, SLOT)
-
-
-@triton.jit
-def store_codes(codes, absmax, i, blocks, mask, bmask, x, SIGNED: tl.constexpr, SR: tl.constexpr, k0, k1,
-                SLOT: tl.constexpr):
-    """Store a (blocks, QUANT_BLOCK) tile of fp32 moments (elements i, `mask`; blocks `bmask`) as
-    int8 codes with each block's absmax (NOTE [compressed optimizer state])."""
-    scale = Q.block_absmax(x, mask)
-    x = x * div_ieee(tl.full(scale.shape, 1.0, tl.float32), scale)[:, None]
-    r16 = tl.zeros(x.shape, tl.uint32)
-    if SR:
-        r16 = Q.slot_bits(k0, k1, i.to(tl.int64), SLOT)
-    if SIGNED:
-        c = Q.encode_signed(x, r16, SR)
-    else:
-        c = Q.encode_unsigned(x, r16, SR)
-    tl.store(codes + i, c, mask=mask)
-    tl.store(absmax + blocks, scale, mask=bmask)
-
-
-@triton.jit
 def _adam_math(p, g, m, v, x, grad_mult, decay, weight_decay, lerp_weight, beta2, one_minus_beta2, bc2_sqrt, eps,
                neg_step_size, HAS_MULT: tl.constexpr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
                DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr):
-    """csrc/adam_math.h: (p, m, v, vmax) after one step."""
+    """csrc/adam_math.h: (p, m, v, vmax) after one step (x: the old vmax when AMSGRAD)."""
     if HAS_MULT:
         g = g * grad_mult
     if MAXIMIZE:
@@ -114,7 +59,7 @@ def _adam_math(p, g, m, v, x, grad_mult, decay, weight_decay, lerp_weight, beta2
 
 @triton.jit
 def _adam_kernel(
-    Table,  # (tensors, 13) int64: numel, then the addresses of the arrays and of the step count, the seed
+    Table,  # (tensors, 13) int64: numel, the addresses of the arrays, the step count and the absmax, the seed
     Chunks,  # (programs, 2) int64: tensor index, first element
     GradMult,  # fp32 scalar, read when HAS_MULT
     FoundInf,  # fp32 scalar, read when HAS_FOUND_INF
@@ -134,22 +79,12 @@ def _adam_kernel(
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
     QBLOCKS: tl.constexpr,  # int8 blocks per step of a CODED program's loop
 ):
-    pid = tl.program_id(0)
-    t = tl.load(Chunks + 2 * pid)
-    start = tl.multiple_of(tl.load(Chunks + 2 * pid + 1), CHUNK)
-    row = Table + _COLUMNS * t.to(tl.int64)
-    end = tl.minimum(start + CHUNK, tl.load(row + _NUMEL))
-    if HAS_FOUND_INF:  # a skipped step: no element to update (NOTE [overflow skip] in csrc/checks.h)
-        end = tl.where(tl.load(FoundInf) == 0, end, start)
-
+    row, start, end = program_chunk(Table, Chunks, FoundInf, _COLUMNS, HAS_FOUND_INF, CHUNK)
     # ---- this tensor's coefficients: double, rounded once to the math type
-    lr = f64(lr_bits)
-    if HAS_LR_TENSOR:
-        lr = tl.load(LrTensor).to(tl.float64)
+    lr, step, grad_mult = step_scalars(row, _STEP, lr_bits, LrTensor, GradMult, STEP, ACC, HAS_LR_TENSOR, HAS_MULT)
     beta1 = f64(beta1_bits)
     beta2 = f64(beta2_bits)
     weight_decay = f64(weight_decay_bits)
-    step = tl.load(tl.load(row + _STEP).to(tl.pointer_type(STEP))).to(tl.float64) + 1.0
     neg_step_size = (-(lr / (1.0 - pow_int(beta1, step)))).to(ACC)
     bc2_sqrt = tl.sqrt(1.0 - pow_int(beta2, step)).to(ACC)
     lerp_weight = (1.0 - beta1).to(ACC)
@@ -158,65 +93,50 @@ def _adam_kernel(
     eps = f64(eps_bits).to(ACC)
     decay = (1.0 - lr * weight_decay).to(ACC)
     weight_decay = weight_decay.to(ACC)
-    grad_mult = tl.full((), 1.0, ACC)
-    if HAS_MULT:
-        grad_mult = tl.load(GradMult).to(ACC)
-    seed = tl.load(row + _SEED)
-    k0, k1 = Q.random_key(seed, step, 0)  # exp_avg, exp_avg_sq
-    k2, k3 = Q.random_key(seed, step, 1)  # max_exp_avg_sq, parameter
 
-    param = _column(row, _PARAM, P, ALIGNED)
-    grad = _column(row, _GRAD, G, ALIGNED)
-    master = _column(row, _MASTER, tl.float32, ALIGNED)
-    comp = _column(row, _COMP, P, ALIGNED)
+    k0, k1 = Q.random_key(tl.load(row + _SEED), step, 0)  # exp_avg, exp_avg_sq
+    k2, k3 = Q.random_key(tl.load(row + _SEED), step, 1)  # max_exp_avg_sq, parameter
 
+    param = column(row, _PARAM, P, ALIGNED)
+    grad = column(row, _GRAD, G, ALIGNED)
+    master = column(row, _MASTER, tl.float32, ALIGNED)
+    comp = column(row, _COMP, P, ALIGNED)
     if CODED:
         # ---- int8 moments: QBLOCKS whole blocks at a time, a row each
-        exp_avg = _column(row, _EXP_AVG, tl.uint8, False)
-        exp_avg_sq = _column(row, _EXP_AVG_SQ, tl.uint8, False)
-        max_sq = _column(row, _MAX_SQ, tl.uint8, False)
-        exp_avg_absmax = _column(row, _EXP_AVG_ABSMAX, tl.float32, False)
-        exp_avg_sq_absmax = _column(row, _EXP_AVG_SQ_ABSMAX, tl.float32, False)
-        max_sq_absmax = _column(row, _MAX_SQ_ABSMAX, tl.float32, False)
+        exp_avg = column(row, _EXP_AVG, tl.uint8, False)
+        exp_avg_sq = column(row, _EXP_AVG_SQ, tl.uint8, False)
+        max_sq = column(row, _MAX_SQ, tl.uint8, False)
+        exp_avg_absmax = column(row, _EXP_AVG_ABSMAX, tl.float32, False)
+        exp_avg_sq_absmax = column(row, _EXP_AVG_SQ_ABSMAX, tl.float32, False)
+        max_sq_absmax = column(row, _MAX_SQ_ABSMAX, tl.float32, False)
         for off in range(0, end - start, QBLOCKS * Q.QUANT_BLOCK):
-            blocks = (start + off) // Q.QUANT_BLOCK + tl.arange(0, QBLOCKS)
-            i = blocks[:, None] * Q.QUANT_BLOCK + tl.arange(0, Q.QUANT_BLOCK)[None, :]
-            mask = i < end
-            if MODE == 1:
-                p = tl.load(master + i, mask=mask).to(ACC)
-            else:
-                p = tl.load(param + i, mask=mask).to(ACC)
+            blocks, i, mask, bmask = Q.block_tile(start + off, end, QBLOCKS)
+            p = load_param(param, master, i, mask, ACC, MODE)
             old = p
             g = tl.load(grad + i, mask=mask).to(ACC)
-            bmask = blocks * Q.QUANT_BLOCK < end
-            m = Q.decode(tl.load(exp_avg + i, mask=mask, other=0), True) * \
-                tl.load(exp_avg_absmax + blocks, mask=bmask, other=0.0)[:, None]
-            v = Q.decode(tl.load(exp_avg_sq + i, mask=mask, other=0), False) * \
-                tl.load(exp_avg_sq_absmax + blocks, mask=bmask, other=0.0)[:, None]
+            m = Q.load_codes(exp_avg, exp_avg_absmax, i, blocks, mask, bmask, True)
+            v = Q.load_codes(exp_avg_sq, exp_avg_sq_absmax, i, blocks, mask, bmask, False)
             x = v
             if AMSGRAD:
-                x = Q.decode(tl.load(max_sq + i, mask=mask, other=0), False) * \
-                    tl.load(max_sq_absmax + blocks, mask=bmask, other=0.0)[:, None]
+                x = Q.load_codes(max_sq, max_sq_absmax, i, blocks, mask, bmask, False)
             p, m, v, x = _adam_math(p, g, m, v, x, grad_mult, decay, weight_decay, lerp_weight, beta2,
                                     one_minus_beta2, bc2_sqrt, eps, neg_step_size, HAS_MULT, MAXIMIZE, WEIGHT_DECAY,
                                     DECOUPLED, AMSGRAD)
-            store_codes(exp_avg, exp_avg_absmax, i, blocks, mask, bmask, m, True, SR, k0, k1, _SLOT_EXP_AVG)
-            store_codes(exp_avg_sq, exp_avg_sq_absmax, i, blocks, mask, bmask, v, False, SR, k0, k1, _SLOT_EXP_AVG_SQ)
+            Q.store_codes(exp_avg, exp_avg_absmax, i, blocks, mask, bmask, m, True, SR, k0, k1, _SLOT_EXP_AVG)
+            Q.store_codes(exp_avg_sq, exp_avg_sq_absmax, i, blocks, mask, bmask, v, False, SR, k0, k1,
+                          _SLOT_EXP_AVG_SQ)
             if AMSGRAD:
-                store_codes(max_sq, max_sq_absmax, i, blocks, mask, bmask, x, False, SR, k2, k3, _SLOT_MAX_SQ)
-            store_param(param, master, comp, i, mask, p, old, P, ACC, MODE, SR, k2, k3, _SLOT_PARAM)
+                Q.store_codes(max_sq, max_sq_absmax, i, blocks, mask, bmask, x, False, SR, k2, k3, _SLOT_MAX_SQ)
+            Q.store_param(param, master, comp, i, mask, p, old, P, ACC, MODE, SR, k2, k3, _SLOT_PARAM)
     else:
-        exp_avg = _column(row, _EXP_AVG, M, ALIGNED)
-        exp_avg_sq = _column(row, _EXP_AVG_SQ, M, ALIGNED)
-        max_sq = _column(row, _MAX_SQ, M, ALIGNED)
+        exp_avg = column(row, _EXP_AVG, M, ALIGNED)
+        exp_avg_sq = column(row, _EXP_AVG_SQ, M, ALIGNED)
+        max_sq = column(row, _MAX_SQ, M, ALIGNED)
         for off in range(0, end - start, BLOCK):
             i = start + off + tl.arange(0, BLOCK)
             mask = i < end
             # ---- load
-            if MODE == 1:
-                p = tl.load(master + i, mask=mask).to(ACC)
-            else:
-                p = tl.load(param + i, mask=mask).to(ACC)
+            p = load_param(param, master, i, mask, ACC, MODE)
             old = p
             g = tl.load(grad + i, mask=mask).to(ACC)
             m = tl.load(exp_avg + i, mask=mask).to(ACC)
@@ -229,36 +149,11 @@ def _adam_kernel(
                                     one_minus_beta2, bc2_sqrt, eps, neg_step_size, HAS_MULT, MAXIMIZE, WEIGHT_DECAY,
                                     DECOUPLED, AMSGRAD)
             # ---- store
-            store_rounded(exp_avg, i, mask, m, M, SR, k0, k1, _SLOT_EXP_AVG)
-            store_rounded(exp_avg_sq, i, mask, v, M, SR, k0, k1, _SLOT_EXP_AVG_SQ)
+            Q.store_rounded(exp_avg, i, mask, m, M, SR, k0, k1, _SLOT_EXP_AVG)
+            Q.store_rounded(exp_avg_sq, i, mask, v, M, SR, k0, k1, _SLOT_EXP_AVG_SQ)
             if AMSGRAD:
-                store_rounded(max_sq, i, mask, x, M, SR, k2, k3, _SLOT_MAX_SQ)
-            store_param(param, master, comp, i, mask, p, old, P, ACC, MODE, SR, k2, k3, _SLOT_PARAM)
-
-
-@triton.jit
-def _advance_steps_kernel(
-    Steps,  # (n,) int64 addresses of the step counts
-    FoundInf,  # fp32 scalar, read when HAS_FOUND_INF
-    n,
-    STEP: tl.constexpr, HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr,
-):
-    if HAS_FOUND_INF:
-        n = tl.where(tl.load(FoundInf) == 0, n, 0)
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = i < n
-    ptrs = tl.load(Steps + i, mask=mask, other=0).to(tl.pointer_type(STEP))
-    tl.store(ptrs, tl.load(ptrs, mask=mask) + 1, mask=mask)
-
-
-def advance_steps(steps: list[torch.Tensor], found_inf: torch.Tensor | None) -> None:
-    """Every step count + 1 (unless found_inf is set), in one launch."""
-    device = steps[0].device
-    table, _, _ = T.tables([(s.data_ptr(),) for s in steps], [0] * len(steps), device)
-    block = 128
-    _advance_steps_kernel[(triton.cdiv(len(steps), block),)](
-        table, found_inf if found_inf is not None else table, len(steps), STEP=T.to_tl(steps[0].dtype),
-        HAS_FOUND_INF=found_inf is not None, BLOCK=block)
+                Q.store_rounded(max_sq, i, mask, x, M, SR, k2, k3, _SLOT_MAX_SQ)
+            Q.store_param(param, master, comp, i, mask, p, old, P, ACC, MODE, SR, k2, k3, _SLOT_PARAM)
 
 
 def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, master_params, compensations,
@@ -270,7 +165,7 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps
     if not params:
         return
     device = params[0].device
-    mode = MASTER if master_params else KAHAN if compensations else PLAIN
+    mode = mode_of(master_params, compensations)
     coded = bool(exp_avg_absmaxes)
     rows, work = [], []
     for i, p in enumerate(params):
@@ -295,7 +190,7 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps
             WEIGHT_DECAY=weight_decay != 0, HAS_MULT=grad_mult is not None, HAS_FOUND_INF=found_inf is not None,
             HAS_LR_TENSOR=lr_tensor is not None, CODED=coded, SR=bool(rng_seeds) and acc == torch.float32,
             ALIGNED=T.all_aligned(rows, _VECTOR_COLUMNS), CHUNK=T.CHUNK, BLOCK=T.BLOCK,
-            QBLOCKS=max(1, T.BLOCK // 256), **T.launch_options())
+            QBLOCKS=Q.blocks_per_step(T.BLOCK), **T.launch_options())
     advance_steps(state_steps, found_inf)
     T.bump_versions(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, master_params, compensations,
                     exp_avg_absmaxes, exp_avg_sq_absmaxes, max_exp_avg_sq_absmaxes)

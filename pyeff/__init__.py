@@ -7,6 +7,8 @@
   and flat parameter buffers;
 - pyeff.nn: fused layers (LayerNorm, RMSNorm, bias + GELU, SwiGLU, losses that compute their
   gradient in the forward) as drop-in modules, and patch(model), which swaps them in;
+- pyeff.distributed: a DDP comm hook that computes the step's gradient norm and overflow flag
+  during the all-reduce;
 - pyeff.ops: the op layer (contracts, references, backends).
 """
 
@@ -16,6 +18,6 @@ __version__ = "0.1.0"
 
 _ext.load_error()  # one warning, now, if the compiled extension is missing
 
-from . import amp, memory, nn, ops, optim  # noqa: E402
+from . import amp, distributed, memory, nn, ops, optim  # noqa: E402
 
-__all__ = ["amp", "memory", "nn", "ops", "optim", "__version__"]
+__all__ = ["amp", "distributed", "memory", "nn", "ops", "optim", "__version__"]

@@ -1,4 +1,4 @@
-"""The `pyeff` command (also `python -m pyeff`): `info` and `bench`."""
+"""The `pyeff` command (also `python -m pyeff`): `info`, `bench` and `train`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+EXAMPLES_DIR = BENCH_DIR.parent / "examples"
 
 
 def info() -> dict:
@@ -130,7 +131,24 @@ def bench(names: list[str], quick: bool, out: Path | None) -> int:
     return 0
 
 
+def train(argv: list[str]) -> int:
+    """examples/train.py in this process (start it under torchrun for several processes)."""
+    script = EXAMPLES_DIR / "train.py"
+    if not script.exists():
+        print(f"pyeff train: {script} not found; it runs the source tree's examples/ "
+              "(install with `pip install --no-build-isolation -e .`)", file=sys.stderr)
+        return 2
+    spec = importlib.util.spec_from_file_location("pyeff_example_train", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(argv, prog="pyeff train")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:  # every other argument is train.py's own (`pyeff train --help`)
+        return train(argv[1:])
     parser = argparse.ArgumentParser(prog="pyeff", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="versions, built backends, CPU SIMD level, threads")
@@ -139,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("suites", nargs="*", help="suite names (default: all)")
     p_bench.add_argument("--quick", action="store_true", help="small sizes and few rounds")
     p_bench.add_argument("--out", type=Path, default=None, help="where to write JSON/markdown/PNG results")
+    sub.add_parser("train", help="train a small GPT on the Python stdlib's source (examples/train.py; "
+                                 "`pyeff train --help`), under torchrun for several processes")
     args = parser.parse_args(argv)
     if args.command == "info":
         print_info(args.json)

@@ -7,24 +7,20 @@
 #   scripts/cuda_build_check.sh        (make cuda-build-check; CI runs it)
 #
 # The CUDA torch (several GB, from the package index or local disk) goes into its own venv
-# ($CUDA_VENV, default .venv-cuda), the build into a copy of the source tree. CUDA_HOME: the CUDA
-# toolkit whose major version is torch's (default: the one nvcc runs from).
+# ($CUDA_VENV, default .venv-cuda), the build into a copy of the source tree. The CUDA toolkit is
+# the one nvcc runs from, or $CUDA_HOME; its major version must be torch's (setup.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${CUDA_VENV:-.venv-cuda}
 TORCH_PIN=${CUDA_TORCH:-torch==2.14.1}
-if [ -z "${CUDA_HOME:-}" ]; then
-  CUDA_HOME=$(nvcc --dryrun -c -x cu /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n 1)
-  CUDA_HOME=$(cd "${CUDA_HOME:-/usr/local/cuda}" && pwd -P)
-fi
-export CUDA_HOME MAX_JOBS=${MAX_JOBS:-2} PYEFF_CUDA_ARCHS=${PYEFF_CUDA_ARCHS:-80;90}
+export MAX_JOBS=${MAX_JOBS:-2} PYEFF_CUDA_ARCHS=${PYEFF_CUDA_ARCHS:-80;90}
 t0=$SECONDS
 if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import torch; assert torch.version.cuda" 2>/dev/null; then
   python3 -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q "$TORCH_PIN" ninja numpy "setuptools>=70.1"
 fi
-echo "cuda-build-check: torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)'), CUDA_HOME=$CUDA_HOME ($((SECONDS - t0)) s)"
+echo "cuda-build-check: torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)') ($((SECONDS - t0)) s)"
 SRC=$(mktemp -d)/pyeff
 mkdir -p "$SRC"
 git ls-files -co --exclude-standard -z | xargs -0 cp --parents -t "$SRC"

@@ -61,10 +61,13 @@ toolchain_report() {  # what links pyeff._C, what it needs, and whether a C++ er
 cat "$OUT/machine.log"
 PHASE=${1:-quick}
 case "$PHASE" in quick | all | test | bench) ;; *) echo "usage: $0 [quick|all|test|bench]" >&2; exit 2 ;; esac
-if [ "$PHASE" = quick ]; then  # compile for the GPU at hand only: half the nvcc time
+if ! $PY -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+  # Without a GPU the script still builds, and runs what does not need one (a dry run).
+  echo "gpu_check: torch sees no CUDA device: the GPU tests and benchmarks will skip"
+elif [ "$PHASE" = quick ]; then  # compile for the GPU at hand only: half the nvcc time
   export PYEFF_CUDA_ARCHS=${PYEFF_CUDA_ARCHS:-$($PY -c "import torch; print('%d%d' % torch.cuda.get_device_capability())")}
-  BENCH_ARGS="--quick ${BENCH_ARGS:-}"
 fi
+[ "$PHASE" = quick ] && BENCH_ARGS="--quick ${BENCH_ARGS:-}"
 T0=$SECONDS
 if [ "$PHASE" != bench ] || ! $PY -c "import pyeff._C" 2>/dev/null; then
   if ! step build $PY -m pip install -v --no-build-isolation --no-deps -e .; then

@@ -1,22 +1,12 @@
 """pyeff's optimizers and scaler inside DistributedDataParallel (gloo, 2 processes on the CPU)."""
 
-import os
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from _gloo import spawn
 
 import pyeff
 
 STEPS = 4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model():
@@ -37,24 +27,18 @@ def _train(model, opt, scaler, batches):
         scaler.update()
 
 
-def _worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        model = torch.nn.parallel.DistributedDataParallel(_model())
-        opt = pyeff.optim.AdamW(model.parameters(), lr=1e-2, max_grad_norm=0.3, amsgrad=True)
-        scaler = pyeff.amp.GradScaler("cpu", init_scale=2.0**8)
-        _train(model, opt, scaler, _data(rank))
-        torch.save([p.detach() for p in model.module.parameters()], os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank):
+    model = torch.nn.parallel.DistributedDataParallel(_model())
+    opt = pyeff.optim.AdamW(model.parameters(), lr=1e-2, max_grad_norm=0.3, amsgrad=True)
+    scaler = pyeff.amp.GradScaler("cpu", init_scale=2.0**8)
+    _train(model, opt, scaler, _data(rank))
+    return [p.detach() for p in model.module.parameters()]
 
 
 @pytest.mark.slow
 def test_ddp_matches_single_process_on_the_whole_batch(tmp_path):
     world = 2
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    ranks = spawn(_worker, world, tmp_path)
     for a, b in zip(*ranks):
         assert torch.equal(a, b)  # every rank holds the same parameters
     # DDP averages gradients over ranks: a single process on the concatenated batch sees the same.

@@ -9,11 +9,9 @@
 
 #include "adagrad.h"
 #include "adagrad_math.h"
-#include "cuda/elementwise.cuh"
+#include "cuda/optimizer.cuh"
 #include "cuda/state_io.cuh"
 #include "cuda/steps.cuh"
-#include "low_precision_math.h"
-#include "optimizer_types.h"
 
 namespace pyeff::cuda {
 namespace {
@@ -39,16 +37,6 @@ struct AdagradEntry {
   int64_t sizes[kMaxSparseDims], strides[kMaxSparseDims];
 };
 
-struct AdagradScalars {
-  AdagradHyper hyper;
-  double lr;              // unless lr_tensor
-  const void* lr_tensor;  // float32 or float64, one element
-  bool lr_is_double;
-  bool step_is_double;
-  const float* grad_mult;
-  const float* found_inf;
-};
-
 // Parameter storage P, gradient storage G, NOTE [low-precision parameter modes] MODE, sum storage
 // SS (Q8: int8 codes), SR: round bf16 values and codes stochastically.
 template <typename P, typename G, PrecisionMode MODE, typename SS, bool SR>
@@ -59,37 +47,25 @@ struct AdagradChunk {
   // The int8 rounds and stochastic rounding need more than the 64 registers of 2 blocks per SM.
   static constexpr int kBlocksPerSm = kCoded || SR ? 1 : 2;
 
-  // The key of random word 0 of NOTE [random bits] (the sum in its low half, the parameter in its
-  // high half), when SR.
-  struct Rounding {
-    RandomKey key;
-  };  // (the pointers point at element 0: i is an element's place in the tensor)
-
   struct Ptrs {
-    P* param;
+    ParamAccess<P, MODE> param;
     const G* grad;
     S* sum;
-    float* master;
-    P* comp;
+  };
+
+  // The key of random word 0 of NOTE [random bits] (the sum in its low half, the parameter in its
+  // high half), when SR. The pointers point at element 0: i is an element's place in the tensor.
+  struct Rounding {
+    RandomKey key;
   };
 
   template <int W>
   C10_DEVICE static void store_param(const Ptrs& q, int64_t i, const Acc (&p)[W], const Acc (&old)[W],
                                      const Rounding& r) {
-    if constexpr (MODE == PrecisionMode::MASTER) {
-      store<W>(q.master, i, p);
-      store<W>(q.param, i, p);
-    } else if constexpr (MODE == PrecisionMode::KAHAN) {
-      Acc comp[W], out[W];
-      load<W>(q.comp, i, comp);
-#pragma unroll
-      for (int k = 0; k < W; ++k) compensated_store(old[k], p[k], comp[k], out[k], RoundTo<P>());
-      store<W>(q.param, i, out);
-      store<W>(q.comp, i, comp);
-    } else if constexpr (SR && std::is_same_v<P, c10::BFloat16>) {  // PLAIN
-      store_rounded<W>(q.param, i, p, r.key, slot::kAdagradParam, i);
+    if constexpr (SR && std::is_same_v<P, c10::BFloat16> && MODE == PrecisionMode::PLAIN) {
+      store_rounded<W>(q.param.param, i, p, r.key, slot::kAdagradParam, i);
     } else {
-      store<W>(q.param, i, p);
+      q.param.template store<W>(i, p, old);
     }
   }
 
@@ -98,11 +74,7 @@ struct AdagradChunk {
   C10_DEVICE static void update(const Ptrs& q, int64_t i, int64_t gi, const AdagradHyper& h,
                                 const AdagradCoef<Acc>& c, const Rounding& r) {
     Acc p[W], g[W], s[W], old[W];
-    if constexpr (MODE == PrecisionMode::MASTER) {
-      load<W>(q.master, i, p);
-    } else {
-      load<W>(q.param, i, p);
-    }
+    q.param.template load<W>(i, p);
     load<W>(q.grad, gi, g);
     load<W>(q.sum, i, s);
 #pragma unroll
@@ -131,11 +103,7 @@ struct AdagradChunk {
       sum.load(i, n, s);
       for (int k = 0; k < n; ++k) {
         Acc p[1], old[1];
-        if constexpr (MODE == PrecisionMode::MASTER) {
-          load<1>(q.master, i + k, p);
-        } else {
-          load<1>(q.param, i + k, p);
-        }
+        q.param.template load<1>(i + k, p);
         old[0] = p[0];
         adagrad_math<false>(h, c, p[0], Acc(q.grad[i + k]), s[k]);
         store_param<1>(q, i + k, p, old, r);
@@ -147,20 +115,27 @@ struct AdagradChunk {
     }
   }
 
-  C10_DEVICE void operator()(const AdagradEntry& e, int64_t begin, int64_t end, const AdagradScalars& s) const {
-    if (s.found_inf != nullptr && *s.found_inf != 0) return;  // NOTE [overflow skip] (csrc/checks.h)
-    const AdagradHyper& h = s.hyper;
-    const double lr = s.lr_tensor != nullptr ? read_scalar(s.lr_tensor, s.lr_is_double) : s.lr;
-    const double step = read_scalar(e.step, s.step_is_double) + 1;
-    const AdagradCoef<Acc> c =
-        adagrad_coef<Acc, Acc>(h, lr, step, s.grad_mult != nullptr ? Acc(*s.grad_mult) : Acc(1));
+  C10_DEVICE void operator()(const AdagradEntry& e, int64_t begin, int64_t end, const AdagradHyper& h,
+                             const StepScalars& s) const {
+    if (s.skip()) return;
+    const double step = s.step(e.step);
+    const auto c = adagrad_coef<Acc, Acc>(h, s.learning_rate(), step, s.multiplier<Acc>());
     Rounding r{};
     if constexpr (SR) r.key = random_key(e.seed, static_cast<int64_t>(step), 0);
-    const Ptrs q{static_cast<P*>(e.param), static_cast<const G*>(e.grad), static_cast<S*>(e.sum), e.master,
-                 static_cast<P*>(e.compensation)};
+    const Ptrs q{{static_cast<P*>(e.param), e.master, static_cast<P*>(e.compensation)},
+                 static_cast<const G*>(e.grad),
+                 static_cast<S*>(e.sum)};
     if constexpr (kCoded) {
       update_coded(e, q, begin, end, h, c, r);
-    } else if (e.indices != nullptr) {  // a sparse gradient: element j of the values, row by row
+    } else {
+      update_chunk(e, q, begin, end, h, c, r);
+    }
+  }
+
+  C10_DEVICE static void update_chunk(const AdagradEntry& e, const Ptrs& q, int64_t begin, int64_t end,
+                                      const AdagradHyper& h, const AdagradCoef<Acc>& c, const Rounding& r) {
+    constexpr int kW = kVec<P>;
+    if (e.indices != nullptr) {  // a sparse gradient: element j of the values, row by row
       for (int64_t j = begin + threadIdx.x; j < end; j += blockDim.x) {
         const int64_t row = j / e.row_numel;
         int64_t at = j - row * e.row_numel;
@@ -171,25 +146,17 @@ struct AdagradChunk {
         }
         update<1, true>(q, at, j, h, c, r);
       }
-    } else {
-      update_dense(q, begin, end, h, c, r);
+      return;
     }
-  }
-
-  C10_DEVICE static void update_dense(const Ptrs& q, int64_t begin, int64_t end, const AdagradHyper& h,
-                                      const AdagradCoef<Acc>& c, const Rounding& r) {
-    constexpr int kW = kVec<P>;
-    const bool aligned = is_aligned<kW>(q.param + begin) && is_aligned<kW>(q.grad + begin) &&
-                         is_aligned<kW>(q.sum + begin) &&
-                         (MODE != PrecisionMode::MASTER || is_aligned<kW>(q.master + begin)) &&
-                         (MODE != PrecisionMode::KAHAN || is_aligned<kW>(q.comp + begin));
     int64_t i = begin;
-    if (aligned) {
-      const int64_t groups = (end - begin) / kW;
-      for (int64_t k = threadIdx.x; k < groups; k += blockDim.x) {
-        update<kW, false>(q, begin + k * kW, begin + k * kW, h, c, r);
+    if constexpr (kW > 1) {
+      if (q.param.template aligned<kW>(begin) && is_aligned<kW>(q.grad + begin) && is_aligned<kW>(q.sum + begin)) {
+        const int64_t groups = (end - begin) / kW;
+        for (int64_t k = threadIdx.x; k < groups; k += blockDim.x) {
+          update<kW, false>(q, begin + k * kW, begin + k * kW, h, c, r);
+        }
+        i = begin + groups * kW;
       }
-      i = begin + groups * kW;
     }
     for (i += threadIdx.x; i < end; i += blockDim.x) update<1, false>(q, i, i, h, c, r);
   }
@@ -200,7 +167,7 @@ void adagrad_step_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
                        at::TensorList state_sum_absmaxes, at::IntArrayRef rng_seeds, double lr, double lr_decay,
                        double weight_decay, double eps, bool maximize, const std::optional<at::Tensor>& grad_mult,
                        const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& lr_tensor) {
-  const AdagradInputs in =
+  const OptimizerInputs in =
       check_adagrad_step(kOp, params, grads, state_sums, state_steps, master_params, compensations,
                          state_sum_absmaxes, rng_seeds, weight_decay, grad_mult, found_inf, lr_tensor);
   const size_t n = params.size();
@@ -253,15 +220,8 @@ void adagrad_step_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
     }
     work[i] = e.numel;
   }
-  AdagradScalars s;
-  s.hyper = {lr_decay, eps, weight_decay, maximize, grad_mult.has_value()};
-  s.lr = lr;
-  s.lr_tensor = lr_tensor ? lr_tensor->const_data_ptr() : nullptr;
-  s.lr_is_double = lr_tensor && lr_tensor->scalar_type() == at::kDouble;
-  s.step_is_double = state_steps[0].scalar_type() == at::kDouble;
-  s.grad_mult = grad_mult ? grad_mult->const_data_ptr<float>() : nullptr;
-  s.found_inf = found_inf ? found_inf->const_data_ptr<float>() : nullptr;
-
+  const AdagradHyper h{lr_decay, eps, weight_decay, maximize, grad_mult.has_value()};
+  const StepScalars s = step_scalars(lr, lr_tensor, state_steps, grad_mult, found_inf);
   dispatch_optimizer_state_types(in.dtype, in.grad_dtype, in.low.mode, in.state.moment_dtype,
                                  [&](auto p, auto g, auto mode, auto sum) {
     using P = typename decltype(p)::type;
@@ -272,9 +232,9 @@ void adagrad_step_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
     constexpr bool kMayRound = std::is_same_v<S, Q8> || std::is_same_v<S, c10::BFloat16> ||
                                (std::is_same_v<P, c10::BFloat16> && MODE == PrecisionMode::PLAIN);
     if constexpr (kMayRound) {
-      if (in.state.stochastic) return launch_multi_tensor(entries, work, AdagradChunk<P, G, MODE, S, true>{}, s);
+      if (in.state.stochastic) return launch_multi_tensor(entries, work, AdagradChunk<P, G, MODE, S, true>{}, h, s);
     }
-    launch_multi_tensor(entries, work, AdagradChunk<P, G, MODE, S, false>{}, s);
+    launch_multi_tensor(entries, work, AdagradChunk<P, G, MODE, S, false>{}, h, s);
   });
   advance_steps(state_steps, s.found_inf);
   bump_versions({params, state_sums, state_steps, master_params, compensations, state_sum_absmaxes});

@@ -8,11 +8,9 @@
 
 #include "adam.h"
 #include "adam_math.h"
-#include "cuda/elementwise.cuh"
+#include "cuda/optimizer.cuh"
 #include "cuda/state_io.cuh"
 #include "cuda/steps.cuh"
-#include "low_precision_math.h"
-#include "optimizer_types.h"
 
 namespace pyeff::cuda {
 namespace {
@@ -24,26 +22,15 @@ struct AdamEntry {
   const void* grad;
   void* exp_avg;
   void* exp_avg_sq;
-  void* max_exp_avg_sq;  // amsgrad only
-  float* master;         // MASTER only
-  void* compensation;    // KAHAN only
+  void* max_exp_avg_sq;          // amsgrad only
+  float* master;                 // MASTER only
+  void* compensation;            // KAHAN only
   float* exp_avg_absmax;         // int8 codes only (NOTE [compressed optimizer state])
   float* exp_avg_sq_absmax;      // int8 codes only
   float* max_exp_avg_sq_absmax;  // int8 codes and amsgrad only
   int64_t seed;                  // stochastic rounding only (NOTE [random bits])
-  const void* step;      // the step count before this step
+  const void* step;              // the step count before this step
   int64_t numel;
-};
-
-// What every chunk reads besides its tensor's entry.
-struct AdamScalars {
-  AdamHyper hyper;
-  double lr;              // unless lr_tensor
-  const void* lr_tensor;  // float32 or float64, one element
-  bool lr_is_double;
-  bool step_is_double;
-  const float* grad_mult;
-  const float* found_inf;
 };
 
 // Parameter storage P, gradient storage G, NOTE [low-precision parameter modes] MODE, moment
@@ -57,24 +44,20 @@ struct AdamChunk {
   static constexpr int kBlocksPerSm = kCoded || SR ? 1 : 2;
 
   struct Ptrs {
-    P* param;
+    ParamAccess<P, MODE> param;
     const G* grad;
     M* exp_avg;
     M* exp_avg_sq;
     M* max_sq;
-    float* master;
-    P* comp;
   };
 
   // The arrays of a tensor from element `at`.
-  C10_DEVICE static Ptrs pointers(const AdamEntry& e, const AdamHyper& h, int64_t at) {
-    return {static_cast<P*>(e.param) + at,
+  C10_DEVICE static Ptrs pointers(const AdamEntry& e, int64_t at) {
+    return {{static_cast<P*>(e.param) + at, offset(e.master, at), offset(static_cast<P*>(e.compensation), at)},
             static_cast<const G*>(e.grad) + at,
             static_cast<M*>(e.exp_avg) + at,
             static_cast<M*>(e.exp_avg_sq) + at,
-            h.amsgrad ? static_cast<M*>(e.max_exp_avg_sq) + at : nullptr,
-            MODE == PrecisionMode::MASTER ? e.master + at : nullptr,
-            MODE == PrecisionMode::KAHAN ? static_cast<P*>(e.compensation) + at : nullptr};
+            offset(static_cast<M*>(e.max_exp_avg_sq), at)};
   }
 
   // The keys of random words 0 (exp_avg, exp_avg_sq) and 1 (max_exp_avg_sq, parameter) of
@@ -85,24 +68,14 @@ struct AdamChunk {
   };
 
   // The parameter's W elements from i; a bf16 one without master weights or compensation rounded
-  // stochastically when asked.
+  // stochastically when SR.
   template <int W>
   C10_DEVICE static void store_param(const Ptrs& q, int64_t i, const Acc (&p)[W], const Acc (&old)[W],
                                      const Rounding& r) {
-    if constexpr (MODE == PrecisionMode::MASTER) {
-      store<W>(q.master, i, p);
-      store<W>(q.param, i, p);
-    } else if constexpr (MODE == PrecisionMode::KAHAN) {
-      Acc comp[W], out[W];
-      load<W>(q.comp, i, comp);
-#pragma unroll
-      for (int k = 0; k < W; ++k) compensated_store(old[k], p[k], comp[k], out[k], RoundTo<P>());
-      store<W>(q.param, i, out);
-      store<W>(q.comp, i, comp);
-    } else if constexpr (SR && std::is_same_v<P, c10::BFloat16>) {  // PLAIN
-      store_rounded<W>(q.param, i, p, r.key1, slot::kAdamParam, r.first + i);
+    if constexpr (SR && std::is_same_v<P, c10::BFloat16> && MODE == PrecisionMode::PLAIN) {
+      store_rounded<W>(q.param.param, i, p, r.key1, slot::kAdamParam, r.first + i);
     } else {
-      store<W>(q.param, i, p);
+      q.param.template store<W>(i, p, old);
     }
   }
 
@@ -121,11 +94,7 @@ struct AdamChunk {
   C10_DEVICE static void update(const Ptrs& q, int64_t i, const AdamHyper& h, const AdamCoef<Acc>& c,
                                 const Rounding& r) {
     Acc p[W], g[W], m[W], v[W], x[W] = {}, old[W];
-    if constexpr (MODE == PrecisionMode::MASTER) {
-      load<W>(q.master, i, p);
-    } else {
-      load<W>(q.param, i, p);
-    }
+    q.param.template load<W>(i, p);
     load<W>(q.grad, i, g);
     load<W>(q.exp_avg, i, m);
     load<W>(q.exp_avg_sq, i, v);
@@ -149,7 +118,7 @@ struct AdamChunk {
     const CodedRun<true> exp_avg{static_cast<uint8_t*>(e.exp_avg), e.exp_avg_absmax};
     const CodedRun<false> exp_avg_sq{static_cast<uint8_t*>(e.exp_avg_sq), e.exp_avg_sq_absmax};
     const CodedRun<false> max_sq{static_cast<uint8_t*>(e.max_exp_avg_sq), e.max_exp_avg_sq_absmax};
-    const Ptrs q = pointers(e, h, 0);
+    const Ptrs q = pointers(e, 0);
     for (int64_t round = begin; round < end; round += int64_t(kThreads) * kN) {
       const int64_t i = round + int64_t(threadIdx.x) * kN;  // this thread's first element
       const int n = i >= end ? 0 : (end - i < kN ? static_cast<int>(end - i) : kN);
@@ -159,11 +128,7 @@ struct AdamChunk {
       if (h.amsgrad) max_sq.load(i, n, x);
       for (int k = 0; k < n; ++k) {
         Acc p[1], old[1];
-        if constexpr (MODE == PrecisionMode::MASTER) {
-          load<1>(q.master, i + k, p);
-        } else {
-          load<1>(q.param, i + k, p);
-        }
+        q.param.template load<1>(i + k, p);
         old[0] = p[0];
         adam_math(h, c, p[0], Acc(q.grad[i + k]), m[k], v[k], x[k]);
         store_param<1>(q, i + k, p, old, r);
@@ -177,12 +142,11 @@ struct AdamChunk {
     }
   }
 
-  C10_DEVICE void operator()(const AdamEntry& e, int64_t begin, int64_t end, const AdamScalars& s) const {
-    if (s.found_inf != nullptr && *s.found_inf != 0) return;  // NOTE [overflow skip] (csrc/checks.h)
-    const AdamHyper& h = s.hyper;
-    const double lr = s.lr_tensor != nullptr ? read_scalar(s.lr_tensor, s.lr_is_double) : s.lr;
-    const double step = read_scalar(e.step, s.step_is_double) + 1;
-    const AdamCoef<Acc> c = adam_coef<Acc, Acc>(h, lr, step, s.grad_mult != nullptr ? Acc(*s.grad_mult) : Acc(1));
+  C10_DEVICE void operator()(const AdamEntry& e, int64_t begin, int64_t end, const AdamHyper& h,
+                             const StepScalars& s) const {
+    if (s.skip()) return;
+    const double step = s.step(e.step);
+    const auto c = adam_coef<Acc, Acc>(h, s.learning_rate(), step, s.multiplier<Acc>());
     Rounding r{};
     if constexpr (SR) {
       r.key0 = random_key(e.seed, static_cast<int64_t>(step), 0);
@@ -191,19 +155,18 @@ struct AdamChunk {
     if constexpr (kCoded) {
       update_coded(e, begin, end, h, c, r);
     } else {
-      const Ptrs q = pointers(e, h, begin);
-      r.first = begin;
       constexpr int kW = kVec<P>;
+      const Ptrs q = pointers(e, begin);
+      r.first = begin;
       const int64_t n = end - begin;
-      const bool aligned = is_aligned<kW>(q.param) && is_aligned<kW>(q.grad) && is_aligned<kW>(q.exp_avg) &&
-                           is_aligned<kW>(q.exp_avg_sq) && (!h.amsgrad || is_aligned<kW>(q.max_sq)) &&
-                           (MODE != PrecisionMode::MASTER || is_aligned<kW>(q.master)) &&
-                           (MODE != PrecisionMode::KAHAN || is_aligned<kW>(q.comp));
       int64_t i = 0;
-      if (aligned) {
-        const int64_t groups = n / kW;
-        for (int64_t k = threadIdx.x; k < groups; k += blockDim.x) update<kW>(q, k * kW, h, c, r);
-        i = groups * kW;
+      if constexpr (kW > 1) {
+        if (q.param.template aligned<kW>(0) && is_aligned<kW>(q.grad) && is_aligned<kW>(q.exp_avg) &&
+            is_aligned<kW>(q.exp_avg_sq) && (!h.amsgrad || is_aligned<kW>(q.max_sq))) {
+          const int64_t groups = n / kW;
+          for (int64_t k = threadIdx.x; k < groups; k += blockDim.x) update<kW>(q, k * kW, h, c, r);
+          i = groups * kW;
+        }
       }
       for (i += threadIdx.x; i < n; i += blockDim.x) update<1>(q, i, h, c, r);
     }
@@ -218,7 +181,7 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     double weight_decay, bool amsgrad, bool maximize, bool decoupled_weight_decay,
                     const std::optional<at::Tensor>& grad_mult, const std::optional<at::Tensor>& found_inf,
                     const std::optional<at::Tensor>& lr_tensor) {
-  const AdamInputs in =
+  const OptimizerInputs in =
       check_adam_step(kOp, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, master_params,
                       compensations, exp_avg_absmaxes, exp_avg_sq_absmaxes, max_exp_avg_sq_absmaxes, rng_seeds,
                       amsgrad, grad_mult, found_inf, lr_tensor);
@@ -229,6 +192,7 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   TORCH_CHECK(check_same_step_dtype(state_steps), kOp, ": expected every state_steps tensor to have one dtype");
   const DeviceGuard guard(params[0].device());
 
+  const bool coded = in.state.quantized;
   std::vector<AdamEntry> entries(n);
   std::vector<int64_t> work(n);
   for (size_t i = 0; i < n; ++i) {
@@ -239,23 +203,16 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                   amsgrad ? max_exp_avg_sqs[i].data_ptr() : nullptr,
                   in.low.master(i),
                   in.low.compensation(i),
-                  in.state.quantized ? exp_avg_absmaxes[i].data_ptr<float>() : nullptr,
-                  in.state.quantized ? exp_avg_sq_absmaxes[i].data_ptr<float>() : nullptr,
-                  in.state.quantized && amsgrad ? max_exp_avg_sq_absmaxes[i].data_ptr<float>() : nullptr,
+                  coded ? exp_avg_absmaxes[i].data_ptr<float>() : nullptr,
+                  coded ? exp_avg_sq_absmaxes[i].data_ptr<float>() : nullptr,
+                  coded && amsgrad ? max_exp_avg_sq_absmaxes[i].data_ptr<float>() : nullptr,
                   rng_seeds.empty() ? 0 : rng_seeds[i],
                   state_steps[i].const_data_ptr(),
                   params[i].numel()};
     work[i] = params[i].numel();
   }
-  AdamScalars s;
-  s.hyper = {beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_mult.has_value()};
-  s.lr = lr;
-  s.lr_tensor = lr_tensor ? lr_tensor->const_data_ptr() : nullptr;
-  s.lr_is_double = lr_tensor && lr_tensor->scalar_type() == at::kDouble;
-  s.step_is_double = state_steps[0].scalar_type() == at::kDouble;
-  s.grad_mult = grad_mult ? grad_mult->const_data_ptr<float>() : nullptr;
-  s.found_inf = found_inf ? found_inf->const_data_ptr<float>() : nullptr;
-
+  const AdamHyper h{beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_mult.has_value()};
+  const StepScalars s = step_scalars(lr, lr_tensor, state_steps, grad_mult, found_inf);
   dispatch_optimizer_state_types(in.dtype, in.grad_dtype, in.low.mode, in.state.moment_dtype,
                                  [&](auto p, auto g, auto mode, auto m) {
     using P = typename decltype(p)::type;
@@ -266,9 +223,9 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
     constexpr bool kMayRound = std::is_same_v<M, Q8> || std::is_same_v<M, c10::BFloat16> ||
                                (std::is_same_v<P, c10::BFloat16> && MODE == PrecisionMode::PLAIN);
     if constexpr (kMayRound) {
-      if (in.state.stochastic) return launch_multi_tensor(entries, work, AdamChunk<P, G, MODE, M, true>{}, s);
+      if (in.state.stochastic) return launch_multi_tensor(entries, work, AdamChunk<P, G, MODE, M, true>{}, h, s);
     }
-    launch_multi_tensor(entries, work, AdamChunk<P, G, MODE, M, false>{}, s);
+    launch_multi_tensor(entries, work, AdamChunk<P, G, MODE, M, false>{}, h, s);
   });
   advance_steps(state_steps, s.found_inf);
   bump_versions({params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, master_params, compensations,

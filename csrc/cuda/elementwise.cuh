@@ -45,6 +45,12 @@ C10_DEVICE inline void store(T* base, int64_t i, const Acc (&in)[W]) {
   }
 }
 
+// p + n, for an optional array (null stays null: arithmetic on a null pointer is undefined).
+template <typename T>
+C10_HOST_DEVICE inline T* offset(T* p, int64_t n) {
+  return p == nullptr ? nullptr : p + n;
+}
+
 // x rounded to T and back (the compensated store's rounding, NOTE [compensated summation]).
 template <typename T>
 struct RoundTo {

@@ -119,9 +119,10 @@ def learning_rate(lr: float | Tensor, device: torch.device) -> tuple[float, Tens
 def present_or_empty(tensors: list[Tensor | None], name: str) -> list[Tensor]:
     """An optional per-parameter list of one bucket (master weights, compensation buffers): all
     present, or none (an empty list)."""
-    if not tensors or all(t is None for t in tensors):
+    missing = tensors.count(None)  # counted in C: these lists are long and usually all None
+    if missing == len(tensors):
         return []
-    if any(t is None for t in tensors):
+    if missing:
         raise ValueError(f"`{name}` must hold a tensor for every parameter of a dtype, or for none")
     return tensors
 

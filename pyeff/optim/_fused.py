@@ -15,6 +15,9 @@ allocate nothing and a whole iteration can be captured in a CUDA graph.
 - pyeff.amp.GradScaler sets only `grad_scale`, and the optimizer's pass finds the overflow;
 - `max_grad_norm=` asks for the norm pass even without a scaler, and then a non-finite gradient
   skips the step too (rather than writing NaN into every parameter, as clip_grad_norm_ would).
+- `grad_stats_provider`, when set (by pyeff.distributed's DDP comm hook), may hand over the
+  statistics of exactly this step's gradients, computed while they were all-reduced; the read pass
+  is then skipped (NOTE [grad stats during the all-reduce] in pyeff/distributed/comm_hook.py).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from ..ops._multi_tensor import on_device
 from ..ops._registry import BACKENDS
 from ..ops.grad_stats import grad_stats
 from ..ops.step_control import step_control
-from . import _state
+from . import _dtensor, _state
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 # The device types pyeff has fused (compiled or Triton) kernels for; others get the reference.
@@ -77,6 +80,8 @@ class FusedOptimizer(Optimizer):
         # place (torch.compile replays that, but not attribute assignments on an optimizer).
         self._buffers: dict[torch.device, _StepBuffers] = {}
         self._last_step: dict[str, object] = {}
+        # grads -> float32 [sum of squares, non-finite] of exactly these gradients, or None.
+        self.grad_stats_provider = None
         super().__init__(params, defaults)
         # torch.optim's checks, after its own construction as there (always fused here, so accepted)
         if defaults.get("fused"):
@@ -97,6 +102,7 @@ class FusedOptimizer(Optimizer):
         self.__dict__.setdefault("backend", None)
         self.__dict__.setdefault("_buffers", {})
         self.__dict__.setdefault("_last_step", {})
+        self.__dict__.setdefault("grad_stats_provider", None)
         for group in self.param_groups:
             group.setdefault("master_weights", False)
             group.setdefault("kahan_summation", False)
@@ -148,9 +154,25 @@ class FusedOptimizer(Optimizer):
         if params and params[0].device not in self._buffers:
             self._buffers[params[0].device] = _StepBuffers(params[0].device)
 
+    def _fused_update(self, group: dict, lists: dict[str, list[Tensor]], grad_mult: Tensor | None,
+                      found_inf: Tensor | None) -> None:
+        """The group's one op call (complex tensors already viewed as real)."""
+        raise NotImplementedError
+
+    def _differentiable_update(self, group: dict, lists: dict[str, list[Tensor]]) -> None:
+        """differentiable=True: torch's own implementation (autograd through the update)."""
+        raise NotImplementedError
+
     def _update(self, group: dict, lists: dict[str, list[Tensor]], has_complex: bool, grad_mult: Tensor | None,
                 found_inf: Tensor | None) -> None:
-        raise NotImplementedError
+        if group["differentiable"]:
+            if grad_mult is not None or found_inf is not None:
+                raise RuntimeError("`differentiable=True` does not support loss scaling or `max_grad_norm`")
+            self._differentiable_update(group, lists)
+            return
+        if has_complex:  # torch.optim updates complex tensors as their real views
+            lists = {k: v if k == "state_steps" else as_real(v) for k, v in lists.items()}
+        self._fused_update(group, lists, grad_mult, found_inf)
 
     def _validate_group(self, group: dict) -> None:
         """Hyper-parameter checks repeated at every step (groups can be edited after construction)."""
@@ -183,7 +205,19 @@ class FusedOptimizer(Optimizer):
                     raise RuntimeError(f"{name}: a gradient of shape {tuple(g.shape)} for a parameter of shape "
                                        f"{tuple(p.shape)}")
 
-    def _mixed_precision_prologue(self, grads: list[Tensor]) -> tuple[Tensor | None, Tensor | None]:
+    def _grad_stats(self, grads: list[Tensor], out: Tensor, shard_group) -> Tensor:
+        """grad_stats of `grads` into `out`: the provider's when it has them, else one pass, summed
+        over `shard_group` when the gradients are shards (NOTE [DTensor parameters] in _dtensor.py)."""
+        provided = self.grad_stats_provider(grads) if self.grad_stats_provider is not None else None
+        if provided is not None:
+            return out.copy_(provided)
+        grad_stats(grads, out=out, backend=self.backend)
+        if shard_group is not None:
+            torch.distributed.all_reduce(out, group=shard_group)
+            out[1].clamp_(max=1)  # the ranks' non-finite flags were summed
+        return out
+
+    def _mixed_precision_prologue(self, grads: list[Tensor], shard_group=None) -> tuple[Tensor | None, Tensor | None]:
         """(grad_mult, found_inf) for the update; see NOTE [mixed-precision step]."""
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
@@ -194,7 +228,7 @@ class FusedOptimizer(Optimizer):
             self._last_step["buffers"] = None
             return None, None
         buffers = self._buffers[device]
-        stats = grad_stats(grads, out=buffers.stats, backend=self.backend) if need_stats else None
+        stats = self._grad_stats(grads, buffers.stats, shard_group) if need_stats else None
         step_control(stats, on_device(grad_scale, device), on_device(found_inf, device), self.max_grad_norm or 0.0,
                      buffers.control, backend=self.backend)
         self._last_step["buffers"] = buffers
@@ -219,7 +253,9 @@ class FusedOptimizer(Optimizer):
                 has_complex = self._init_group(group, *lists)
                 if lists[0]:
                     calls.append((group, dict(zip(self._LISTS, lists)), has_complex))
-            grad_mult, found_inf = self._mixed_precision_prologue([g for _, lists, _ in calls for g in lists["grads"]])
+            shard_group = _dtensor.unwrap(calls)
+            grad_mult, found_inf = self._mixed_precision_prologue([g for _, lists, _ in calls for g in lists["grads"]],
+                                                                  shard_group)
             for group, lists, has_complex in calls:
                 self._update(group, lists, has_complex, grad_mult, found_inf)
         return loss
@@ -265,15 +301,18 @@ def init_low_precision_state(group: dict, p: Tensor, state: dict, moment_keys: t
     return mode
 
 
-def step_on_device(state: dict, p: Tensor) -> Tensor:
-    """state['step'] on p's device (a torch.optim checkpoint may keep it on the CPU): the kernels
-    read and increment it there, without a sync."""
-    step = state["step"]
-    if step.device != p.device:
-        step = state["step"] = step.to(p.device)
-    return step
+def append_step_and_low_precision(state: dict, p: Tensor, mode: str, state_steps: list, master_params: list,
+                                  compensations: list) -> None:
+    """The end of a parameter's _init_group: its step count, on its device (a torch.optim checkpoint
+    may keep it on the CPU; the kernels read and increment it on the device, without a sync), and
+    its master weight and compensation buffer (None where its mode has none)."""
+    if state["step"].device != p.device:
+        state["step"] = state["step"].to(p.device)
+    state_steps.append(state["step"])
+    master_params.append(state["master_param"] if mode == "master" else None)
+    compensations.append(state["compensation"] if mode == "kahan" else None)
 
 
 def as_real(ts: list[Tensor | None]) -> list[Tensor | None]:
     """torch.optim updates complex tensors as their real views."""
-    return [torch.view_as_real(t) if t is not None and torch.is_complex(t) else t for t in ts]
+    return [torch.view_as_real(t) if isinstance(t, Tensor) and torch.is_complex(t) else t for t in ts]

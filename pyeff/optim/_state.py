@@ -63,6 +63,9 @@ def moment_format(group: dict, p: Tensor, master: bool):
     if state_dtype is None:
         return torch.float32 if master else p.dtype
     if state_dtype == "int8":
+        if type(p).__name__ == "DTensor":  # NOTE [DTensor parameters]: each rank steps its shard
+            raise RuntimeError("`state_dtype='int8'` does not support DTensor (FSDP2) parameters: the blocks of a "
+                               "shard's codes would not be those of the whole tensor; use state_dtype=torch.bfloat16")
         return "int8" if p.numel() >= MIN_QUANT_NUMEL else torch.float32
     return state_dtype
 

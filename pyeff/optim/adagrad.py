@@ -17,12 +17,8 @@ from torch import Tensor
 
 from ..ops.adagrad import SPARSE_WEIGHT_DECAY, adagrad_step, check_sparse_indices
 from . import _state
-from ._fused import (LOW_PRECISION, FusedOptimizer, as_real, init_low_precision_state, low_precision_mode,
-                     step_on_device)
-
-
-# The lists complex parameters' real views replace (the others are not laid out like a parameter).
-_COMPLEX_LISTS = ("params", "grads", "state_sums", "master_params", "compensations")
+from ._fused import (LOW_PRECISION, FusedOptimizer, append_step_and_low_precision, init_low_precision_state,
+                     low_precision_mode)
 
 
 def _check_hyperparameters(lr, lr_decay, weight_decay, initial_accumulator_value, eps) -> None:
@@ -185,20 +181,13 @@ class Adagrad(FusedOptimizer):
             # A sparse gradient is coalesced once here: the overflow/norm pass and the update share it.
             grads.append(grad.coalesce() if grad.is_sparse else grad)
             state_sums.append(state["sum"])
-            state_steps.append(step_on_device(state, p))
-            master_params.append(state["master_param"] if mode == "master" else None)
-            compensations.append(state["compensation"] if mode == "kahan" else None)
+            append_step_and_low_precision(state, p, mode, state_steps, master_params, compensations)
             state_sum_absmaxes.append(state.get("sum_absmax"))
         rng_seeds += _state.rng_seeds(self, group, params)
         self._init_buffers(params)
         return has_complex
 
-    def _update(self, group, lists, has_complex, grad_mult, found_inf):
-        if group["differentiable"]:
-            self._differentiable_update(group, lists, grad_mult, found_inf)
-            return
-        if has_complex:  # dense gradients only (_check_inputs)
-            lists = {k: as_real(v) if k in _COMPLEX_LISTS else v for k, v in lists.items()}
+    def _fused_update(self, group, lists, grad_mult, found_inf):
         adagrad_step(
             lists["params"], lists["grads"], lists["state_sums"], lists["state_steps"], lists["master_params"],
             lists["compensations"], state_sum_absmaxes=lists["state_sum_absmaxes"], rng_seeds=lists["rng_seeds"],
@@ -206,10 +195,7 @@ class Adagrad(FusedOptimizer):
             eps=group["eps"], maximize=group["maximize"], grad_mult=grad_mult, found_inf=found_inf,
             backend=self.backend)
 
-    def _differentiable_update(self, group, lists, grad_mult, found_inf):
-        # Autograd through the update needs torch's own tensor-op implementation.
-        if grad_mult is not None or found_inf is not None:
-            raise RuntimeError("`differentiable=True` does not support loss scaling or `max_grad_norm`")
+    def _differentiable_update(self, group, lists):
         from torch.optim.adagrad import adagrad as functional
 
         functional(lists["params"], lists["grads"], lists["state_sums"], lists["state_steps"], fused=False,

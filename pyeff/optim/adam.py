@@ -14,12 +14,10 @@ from torch import Tensor
 
 from ..ops.adam import adam_step
 from . import _state
-from ._fused import (LOW_PRECISION, FusedOptimizer, as_real, init_low_precision_state, low_precision_mode,
-                     step_on_device)
+from ._fused import (LOW_PRECISION, FusedOptimizer, append_step_and_low_precision, init_low_precision_state,
+                     low_precision_mode)
 
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-# The lists complex parameters' real views replace (the others are not laid out like a parameter).
-_COMPLEX_LISTS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "master_params", "compensations")
 
 
 def _check_hyperparameters(lr, betas, eps, weight_decay) -> None:
@@ -164,21 +162,14 @@ class Adam(FusedOptimizer):
             if group["amsgrad"]:
                 max_exp_avg_sqs.append(state["max_exp_avg_sq"])
                 max_exp_avg_sq_absmaxes.append(state.get("max_exp_avg_sq_absmax"))
-            state_steps.append(step_on_device(state, p))
-            master_params.append(state["master_param"] if mode == "master" else None)
-            compensations.append(state["compensation"] if mode == "kahan" else None)
+            append_step_and_low_precision(state, p, mode, state_steps, master_params, compensations)
             exp_avg_absmaxes.append(state.get("exp_avg_absmax"))
             exp_avg_sq_absmaxes.append(state.get("exp_avg_sq_absmax"))
         rng_seeds += _state.rng_seeds(self, group, params)
         self._init_buffers(params)
         return has_complex
 
-    def _update(self, group, lists, has_complex, grad_mult, found_inf):
-        if group["differentiable"]:
-            self._differentiable_update(group, lists, grad_mult, found_inf)
-            return
-        if has_complex:
-            lists = {k: as_real(v) if k in _COMPLEX_LISTS else v for k, v in lists.items()}
+    def _fused_update(self, group, lists, grad_mult, found_inf):
         beta1, beta2 = (b.item() if isinstance(b, Tensor) else b for b in group["betas"])
         adam_step(
             lists["params"], lists["grads"], lists["exp_avgs"], lists["exp_avg_sqs"], lists["max_exp_avg_sqs"],
@@ -190,10 +181,7 @@ class Adam(FusedOptimizer):
             maximize=group["maximize"], decoupled_weight_decay=group["decoupled_weight_decay"], grad_mult=grad_mult,
             found_inf=found_inf, backend=self.backend)
 
-    def _differentiable_update(self, group, lists, grad_mult, found_inf):
-        # Autograd through the update needs torch's own tensor-op implementation.
-        if grad_mult is not None or found_inf is not None:
-            raise RuntimeError("`differentiable=True` does not support loss scaling or `max_grad_norm`")
+    def _differentiable_update(self, group, lists):
         beta1, beta2 = group["betas"]
         if group["decoupled_weight_decay"]:
             from torch.optim.adamw import adamw as functional

@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PINS ?= torch==2.13.0 triton==3.8.0
 # The trainers and loggers the examples and tests/test_trainers.py use; none of them makes pip
 # resolve another torch beside the pinned one (checked: `pip install --dry-run $(PINS) $(TOOLS)`).
-TOOLS ?= ninja numpy pytest hypothesis expecttest matplotlib tensorboard tqdm transformers accelerate pytorch-lightning
+TOOLS ?= "setuptools>=77" ninja numpy pytest hypothesis expecttest matplotlib tensorboard tqdm transformers accelerate pytorch-lightning
 export MAX_JOBS ?= 2
 
 .PHONY: setup build bench bench-full test cuda-build-check clean

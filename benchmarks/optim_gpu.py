@@ -13,6 +13,8 @@ Cases (parameters shaped like a transformer's, ~300 tensors; bench.model_like_si
   AdamW on the masters, copy back to bf16 = 60 bytes per parameter (benchmarks/amp_step.py).
 - adagrad: fp32 Adagrad; reads p, g, sum and writes p, sum: 20 bytes per parameter. torch has no
   fused CUDA Adagrad: its best is foreach.
+- sgd: fp32 SGD with momentum 0.9 and weight decay 1e-4; reads p, g, momentum_buffer and writes p,
+  momentum_buffer: 20 bytes per parameter.
 
 The ceiling of a case is a device-to-device copy of as many bytes as pyeff's step moves (half read,
 half written). Every contender works on the same parameters, gradients and state (one set of
@@ -112,6 +114,19 @@ def adagrad_contenders(sizes, device, backends):
     return {name: opt.step for name, opt in opts.items()}
 
 
+def sgd_contenders(sizes, device, backends):
+    params = _params(sizes, device, torch.float32)
+    hyper = dict(lr=0.1, momentum=0.9, weight_decay=1e-4)
+    opts = {f"pyeff_{b}": pyeff.optim.SGD(params, **hyper, backend=b) for b in backends}
+    if device.type == "cuda":
+        opts["torch_fused"] = torch.optim.SGD(params, **hyper, fused=True)
+    opts["torch_foreach"] = torch.optim.SGD(params, **hyper, foreach=True)
+    for opt in opts.values():
+        opt.step()
+    _share_state(opts, ("momentum_buffer",))
+    return {name: opt.step for name, opt in opts.items()}
+
+
 def amp_contenders(sizes, device, backends):
     """pyeff's fused mixed-precision step vs torch's composition (benchmarks/amp_step.py), on the
     same bf16 parameters."""
@@ -123,7 +138,7 @@ def amp_contenders(sizes, device, backends):
     return fns
 
 
-BYTES = {"adamw": 28, "amp": {"pyeff": 30, "torch_composition": 60}, "adagrad": 20}
+BYTES = {"adamw": 28, "amp": {"pyeff": 30, "torch_composition": 60}, "adagrad": 20, "sgd": 20}
 
 
 def run_cases(sizes, device, backends, rounds) -> list[bench.Row]:
@@ -131,7 +146,8 @@ def run_cases(sizes, device, backends, rounds) -> list[bench.Row]:
     rows = []
     makers = {"adamw": lambda: adamw_contenders(sizes, device, backends),
               "amp": lambda: amp_contenders(sizes, device, backends),
-              "adagrad": lambda: adagrad_contenders(sizes, device, backends)}
+              "adagrad": lambda: adagrad_contenders(sizes, device, backends),
+              "sgd": lambda: sgd_contenders(sizes, device, backends)}
     for name, make in makers.items():
         fns = make()
         per_param = BYTES[name]

@@ -194,12 +194,12 @@ inline GradScaling grad_scaling(const char* op, const std::optional<at::Tensor>&
 }
 
 // The checks every optimizer op makes, after the caller checked the lengths of its own state lists:
-// gradients and step counts one per parameter, the dtypes, each parameter's device and layout, its
-// gradient (check_grad(i, p, grad_dtype): an op that takes sparse gradients checks them its way),
-// the storage of its moments (StateFormat, from `moments`: the list whose dtype decides it, and the
-// seeds of stochastic rounding), its state tensors (check_state(i, p, format)), its low-precision
-// state and step count, and the control scalars. Returns the dtypes, the low-precision mode and the
-// state format.
+// gradients and step counts one per parameter (an op without step counts passes nullopt), the
+// dtypes, each parameter's device and layout, its gradient (check_grad(i, p, grad_dtype): an op that
+// takes sparse gradients checks them its way), the storage of its moments (StateFormat, from
+// `moments`: the list whose dtype decides it, and the seeds of stochastic rounding), its state
+// tensors (check_state(i, p, format)), its low-precision state and step count, and the control
+// scalars. Returns the dtypes, the low-precision mode and the state format.
 struct OptimizerInputs {
   c10::ScalarType dtype, grad_dtype;
   LowPrecisionState low;
@@ -214,7 +214,7 @@ struct MomentLists {
 
 template <typename CheckGrad, typename CheckState>
 OptimizerInputs check_optimizer_step(const char* op, at::TensorList params, at::TensorList grads,
-                                     at::TensorList state_steps, at::TensorList master_params,
+                                     std::optional<at::TensorList> state_steps, at::TensorList master_params,
                                      at::TensorList compensations, const MomentLists& moments,
                                      const std::optional<at::Tensor>& grad_mult,
                                      const std::optional<at::Tensor>& found_inf,
@@ -222,7 +222,7 @@ OptimizerInputs check_optimizer_step(const char* op, at::TensorList params, at::
                                      const CheckState& check_state) {
   const size_t n = params.size();
   check_length(op, "grads", grads, n);
-  check_length(op, "state_steps", state_steps, n);
+  if (state_steps) check_length(op, "state_steps", *state_steps, n);
   OptimizerInputs in{at::kFloat, at::kFloat, LowPrecisionState(op, params, master_params, compensations), {}};
   if (n == 0) return in;
   in.dtype = params[0].scalar_type();
@@ -239,7 +239,7 @@ OptimizerInputs check_optimizer_step(const char* op, at::TensorList params, at::
     check_grad(i, p, in.grad_dtype);
     check_state(i, p, in.state);
     in.low.check(op, i, p, in.dtype);
-    check_scalar(op, "state_steps[" + std::to_string(i) + "]", state_steps[i], device);
+    if (state_steps) check_scalar(op, "state_steps[" + std::to_string(i) + "]", (*state_steps)[i], device);
   }
   check_controls(op, device, grad_mult, found_inf, lr_tensor);
   return in;

@@ -1,4 +1,4 @@
-"""What the Triton optimizer kernels (kernels/adam.py, adagrad.py) share: a program's chunk of the
+"""What the Triton optimizer kernels (kernels/adam.py, adagrad.py, sgd.py) share: a program's chunk of the
 table (NOTE [Triton multi-tensor launch] in kernels/_tables.py), the step's device scalars, the
 parameter's storage in each NOTE [low-precision parameter modes], and the launch that advances the
 step counts. The CUDA kernels' counterpart is csrc/cuda/optimizer.cuh."""
@@ -46,16 +46,24 @@ def column(row, k, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
 
 
 @triton.jit
-def step_scalars(row, STEP_COLUMN: tl.constexpr, lr_bits, LrTensor, GradMult, STEP: tl.constexpr,
-                 ACC: tl.constexpr, HAS_LR_TENSOR: tl.constexpr, HAS_MULT: tl.constexpr):
-    """(lr in double, the row's step count after the increment in double, grad_mult in ACC)."""
+def lr_and_multiplier(lr_bits, LrTensor, GradMult, ACC: tl.constexpr, HAS_LR_TENSOR: tl.constexpr,
+                      HAS_MULT: tl.constexpr):
+    """(lr in double, grad_mult in ACC)."""
     lr = f64(lr_bits)
     if HAS_LR_TENSOR:
         lr = tl.load(LrTensor).to(tl.float64)
-    step = tl.load(tl.load(row + STEP_COLUMN).to(tl.pointer_type(STEP))).to(tl.float64) + 1.0
     grad_mult = tl.full((), 1.0, ACC)
     if HAS_MULT:
         grad_mult = tl.load(GradMult).to(ACC)
+    return lr, grad_mult
+
+
+@triton.jit
+def step_scalars(row, STEP_COLUMN: tl.constexpr, lr_bits, LrTensor, GradMult, STEP: tl.constexpr,
+                 ACC: tl.constexpr, HAS_LR_TENSOR: tl.constexpr, HAS_MULT: tl.constexpr):
+    """(lr in double, the row's step count after the increment in double, grad_mult in ACC)."""
+    lr, grad_mult = lr_and_multiplier(lr_bits, LrTensor, GradMult, ACC, HAS_LR_TENSOR, HAS_MULT)
+    step = tl.load(tl.load(row + STEP_COLUMN).to(tl.pointer_type(STEP))).to(tl.float64) + 1.0
     return lr, step, grad_mult
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.util
 import json
 import os
 import platform
 import sys
+import textwrap
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -107,6 +109,15 @@ def suites() -> dict[str, Path]:
     return {p.stem: p for p in sorted(BENCH_DIR.glob("*.py")) if not p.name.startswith("_")}
 
 
+def _suite_list() -> str:
+    """`pyeff bench --help`'s list: each suite with its docstring's first paragraph (read, not imported)."""
+    lines = []
+    for name, path in suites().items():
+        doc = (ast.get_docstring(ast.parse(path.read_text())) or "").split("\n\n")[0]
+        lines += textwrap.wrap(" ".join(doc.split()), 100, initial_indent=f"  {name:11s} ", subsequent_indent=" " * 14)
+    return "suites:\n" + "\n".join(lines) if lines else f"no suites found in {BENCH_DIR}"
+
+
 def bench(names: list[str], quick: bool, out: Path | None) -> int:
     available = suites()
     if not available:
@@ -153,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="versions, built backends, CPU SIMD level, threads")
     p_info.add_argument("--json", action="store_true")
-    p_bench = sub.add_parser("bench", help="run the benchmark suites (pyeff vs PyTorch, vs the machine's ceiling)")
+    p_bench = sub.add_parser("bench", help="run the benchmark suites (pyeff vs PyTorch, vs the machine's ceiling)",
+                             epilog=_suite_list(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p_bench.add_argument("suites", nargs="*", help="suite names (default: all)")
     p_bench.add_argument("--quick", action="store_true", help="small sizes and few rounds")
     p_bench.add_argument("--out", type=Path, default=None, help="where to write JSON/markdown/PNG results")

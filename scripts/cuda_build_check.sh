@@ -11,14 +11,14 @@
 # the one nvcc runs from, or $CUDA_HOME; its major version must be torch's (setup.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${CUDA_VENV:-.venv-cuda}
+VENV=$(realpath -m "${CUDA_VENV:-.venv-cuda}")  # absolute: the build runs in a copy of the tree
 TORCH_PIN=${CUDA_TORCH:-torch==2.14.1}
 export MAX_JOBS=${MAX_JOBS:-2} PYEFF_CUDA_ARCHS=${PYEFF_CUDA_ARCHS:-80;90}
 t0=$SECONDS
 if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import torch; assert torch.version.cuda" 2>/dev/null; then
   python3 -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q "$TORCH_PIN" ninja numpy "setuptools>=70.1"
+  "$VENV/bin/python" -m pip install -q "$TORCH_PIN" ninja numpy "setuptools>=77"
 fi
 echo "cuda-build-check: torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)') ($((SECONDS - t0)) s)"
 SRC=$(mktemp -d)/pyeff
@@ -33,7 +33,7 @@ import pyeff
 from pyeff.ops import OPS
 
 assert pyeff._ext.built_with_cuda(), pyeff._ext.load_error()
-missing = [name for name in ("adam_step", "adagrad_step", "grad_stats", "step_control")
+missing = [name for name in ("adam_step", "adagrad_step", "sgd_step", "grad_stats", "step_control")
            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"pyeff::{name}.cuda", "CUDA")]
 assert not missing, f"CUDA kernels not registered: {missing}"
 print("cuda-build-check: CUDA kernels registered:",

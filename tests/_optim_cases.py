@@ -110,6 +110,25 @@ def adagrad_inputs(dtype, mode, sparse_rows=(), state=None, sr=False):
     return x
 
 
+SGD_LISTS = ("params", "grads", "momentum_buffers", "is_first_step", "master_params", "compensations")
+SGD_HP = [dict(lr=0.01, momentum=0.9, dampening=0.2, weight_decay=0.1, nesterov=False, maximize=True),
+          dict(lr=0.003, momentum=0.5, dampening=0.0, weight_decay=0.02, nesterov=True, maximize=False),
+          dict(lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False)]
+
+
+def sgd_inputs(sizes, dtype, grad_dtype, mode, momentum, offset=0):
+    """As adam_inputs; every third tensor takes its first momentum step, its buffer NaN (an output
+    only: a kernel that reads it, or does not write it, fails)."""
+    x = adam_inputs(sizes, dtype, grad_dtype, mode, False, offset)
+    first = [k % 3 == 0 for k in range(len(sizes))] if momentum else []
+    bufs = [m.clone() for m in x["exp_avgs"]] if momentum else []
+    for b, f in zip(bufs, first):
+        if f:
+            b.fill_(float("nan"))
+    return dict(params=x["params"], grads=x["grads"], momentum_buffers=bufs, is_first_step=first,
+                master_params=x["master_params"], compensations=x["compensations"])
+
+
 def grads_of_every_dtype():
     dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
     return [torch.randn(n).to(dtypes[i % 4]) * 3 for i, n in enumerate(SIZES)]

@@ -3,32 +3,26 @@
 - op level: every backend against the reference on random inputs (dense and sparse gradients, all
   dtypes and low-precision modes, sizes that are no multiple of any vector width), a hypothesis
   property test, and a table of bad inputs that must raise before anything is written;
-- optimizer level: parity with torch.optim.Adagrad on PyTorch's own optimizer test inputs
-  (optim_db) and their error inputs, sparse gradients with repeated indices, checkpoints both ways,
-  the mixed-precision step (both GradScalers, overflow skip, max_grad_norm, master weights).
+- optimizer level: torch's errors and eager state, sparse gradients with repeated indices, master
+  weights in checkpoints, the mixed-precision step (both GradScalers, overflow skip, max_grad_norm,
+  master weights). What every optimizer shares with its torch twin (optim_db parity and error
+  inputs, checkpoints both ways, bad steps) is tested in test_optimizers.py.
 """
 
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 import warnings
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.testing._internal.common_optimizers import OptimizerErrorEnum, optim_db
+from _optimizers import assert_optimizers_match, make_params, pair, set_grads, train
 
 import pyeff
 from pyeff.ops import OPS
 from pyeff.ops.adagrad import ADAGRAD, adagrad_step
-
-ADAGRAD_INFO = next(info for info in optim_db if info.optim_cls is torch.optim.Adagrad)
-OPTIM_INPUTS = ADAGRAD_INFO.optim_inputs_func(device="cpu")
-ERROR_INPUTS = ADAGRAD_INFO.optim_error_inputs_func(device="cpu", dtype=torch.float32)
 
 BACKENDS = [b for b in OPS["adagrad_step"].backends() if b != "reference" and
             pyeff.ops.backend_usable(b, torch.device("cpu")) is None]
@@ -42,9 +36,6 @@ TOL = {
     torch.bfloat16: dict(rtol=1.6e-2, atol=1e-5),
     torch.float16: dict(rtol=2e-3, atol=1e-5),
 }
-# pyeff.optim.Adagrad vs torch.optim.Adagrad after several steps (the issue's tolerances; torch
-# contracts addcmul into an FMA where the CPU has one, pyeff rounds the square separately).
-PARITY = {torch.float32: dict(rtol=2e-5, atol=1e-7), torch.float64: dict(rtol=1e-10, atol=1e-14)}
 
 warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
 
@@ -255,7 +246,7 @@ def test_custom_op_passes_opcheck():
     torch.library.opcheck(ADAGRAD.overload("cpu"), args, test_utils=("test_schema", "test_faketensor"))
 
 
-def test_lower_isa_variants_agree(tmp_path):
+def test_lower_isa_variants_agree(same_bits_on_every_isa):
     # Every per-ISA build computes the same bits (same operations, no contraction), dense and sparse.
     code = """
 import sys, warnings, torch, pyeff
@@ -268,14 +259,7 @@ torch.ops.pyeff.adagrad_step.cpu(ps, gs, ss, [torch.zeros(()), torch.zeros(())],
     weight_decay=0.0, eps=1e-10, maximize=True, grad_mult=torch.tensor(0.5))
 torch.save(ps + ss, sys.argv[1])
 """
-    outs = []
-    for isa in ("avx512", "avx2", "default"):
-        path = tmp_path / f"{isa}.pt"
-        subprocess.run([sys.executable, "-c", code, path], check=True, env={**os.environ, "PYEFF_CPU_ISA": isa})
-        outs.append(torch.load(path))
-    for other in outs[1:]:
-        for a, b in zip(outs[0], other):
-            assert torch.equal(a, b)
+    same_bits_on_every_isa(code)
 
 
 # ---------------------------------------------------------------------------------- op bad inputs
@@ -350,74 +334,10 @@ def test_bad_op_inputs_raise_before_writing(backend, name, make, extra, regex):
                 assert torch.equal(x, y)
 
 
-# ------------------------------------------------------------------------- optimizer: torch parity
-
-SHAPES = [(5, 3), (7,), (1,), (2, 3, 4), (33,)]
-
-
-def _make_params(dtype, shapes=SHAPES, seed=0, complex_too=False):
-    gen = torch.Generator().manual_seed(seed)
-    ps = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
-    if complex_too:
-        ps.append(torch.randn(4, 3, generator=gen, dtype=dtype).to(torch.complex64 if dtype == torch.float32
-                                                                   else torch.complex128))
-    return ps
-
+# ------------------------------------------------------------------------------------- optimizer
 
 def _pair(params, torch_kwargs, pyeff_kwargs=None):
-    a = [torch.nn.Parameter(p.clone()) for p in params]
-    b = [torch.nn.Parameter(p.clone()) for p in params]
-    kw_b = copy.deepcopy(torch_kwargs if pyeff_kwargs is None else pyeff_kwargs)
-    return a, b, torch.optim.Adagrad(a, **copy.deepcopy(torch_kwargs)), pyeff.optim.Adagrad(b, **kw_b)
-
-
-def _set_grads(seed, *param_lists):
-    gen = torch.Generator().manual_seed(seed)
-    grads = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in param_lists[0]]
-    for ps in param_lists:
-        for p, g in zip(ps, grads):
-            p.grad = g.clone()
-
-
-def _assert_optimizers_match(a, b, opt_a, opt_b, dtype, exact_steps=True):
-    for i, (x, y) in enumerate(zip(a, b)):
-        _close(y.detach(), x.detach(), dtype, f"param {i}", tol=PARITY)
-        sa, sb = opt_a.state[x], opt_b.state[y]
-        _close(sb["sum"], sa["sum"], dtype, f"sum {i}", tol=PARITY)
-        if exact_steps:
-            assert sb["step"].item() == sa["step"].item()
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-@pytest.mark.parametrize("optim_input", OPTIM_INPUTS, ids=[o.desc for o in OPTIM_INPUTS])
-@pytest.mark.parametrize("impl", [{}, {"foreach": True}, {"fused": True}], ids=["default", "foreach", "fused"])
-def test_parity_with_torch_on_optim_db_inputs(dtype, optim_input, impl):
-    kwargs = {**optim_input.kwargs, **impl}
-    a, b, opt_a, opt_b = _pair(_make_params(dtype, complex_too=not impl.get("fused")), kwargs)
-    for step in range(12):
-        _set_grads(step, a, b)
-        opt_a.step()
-        opt_b.step()
-    _assert_optimizers_match(a, b, opt_a, opt_b, dtype)
-    assert opt_b.state_dict()["param_groups"][0]["lr"] == opt_a.state_dict()["param_groups"][0]["lr"]
-
-
-@pytest.mark.parametrize("error_input", ERROR_INPUTS, ids=[e.optimizer_error_input.desc for e in ERROR_INPUTS])
-def test_error_inputs_raise_like_torch(error_input):
-    inp = error_input.optimizer_error_input
-    for cls in (torch.optim.Adagrad, pyeff.optim.Adagrad):
-        params = inp.params if inp.params is not None else [torch.nn.Parameter(torch.randn(2, 2))]
-        if error_input.error_on == OptimizerErrorEnum.CONSTRUCTION_ERROR:
-            if issubclass(error_input.error_type, Warning):
-                with pytest.warns(error_input.error_type, match=error_input.error_regex):
-                    cls(params, **inp.kwargs)
-            else:
-                with pytest.raises(error_input.error_type, match=error_input.error_regex):
-                    cls(params, **inp.kwargs)
-        else:
-            opt = cls(params, **inp.kwargs)
-            with pytest.raises(error_input.error_type, match=error_input.error_regex):
-                opt.step()
+    return pair(torch.optim.Adagrad, pyeff.optim.Adagrad, params, torch_kwargs, pyeff_kwargs)
 
 
 CONSTRUCTOR_ERRORS = [
@@ -440,23 +360,12 @@ def test_constructor_errors_match_torch(kwargs, error, regex):
             cls([torch.nn.Parameter(torch.randn(3))], **kwargs)
 
 
-@pytest.mark.parametrize("kwargs,error,regex", [
-    (dict(max_grad_norm=0.0), ValueError, "Invalid max_grad_norm value: 0.0"),
-    (dict(backend="gpu"), ValueError, "Invalid backend: 'gpu'"),
-    (dict(master_weights=True, kahan_summation=True), RuntimeError, "`master_weights` and `kahan_summation`"),
-    (dict(differentiable=True, master_weights=True), RuntimeError, "`differentiable` does not support"),
-])
-def test_extra_argument_errors(kwargs, error, regex):
-    with pytest.raises(error, match=regex):
-        pyeff.optim.Adagrad([torch.nn.Parameter(torch.randn(3))], **kwargs)
-
-
 def test_state_is_created_eagerly_like_torch():
     for default_dtype in (torch.float32, torch.float64):
         prev = torch.get_default_dtype()
         torch.set_default_dtype(default_dtype)
         try:
-            params = _make_params(torch.float32, complex_too=True)
+            params = make_params(torch.float32, complex_too=True)
             a, b, opt_a, opt_b = _pair(params, dict(initial_accumulator_value=0.3))
         finally:
             torch.set_default_dtype(prev)
@@ -480,110 +389,13 @@ def test_added_param_group_uses_the_defaults_accumulator_value_lazily():
     opt_b.add_param_group({"params": [q2], "initial_accumulator_value": 2.0, "lr": 0.3})
     assert q2 not in opt_b.state
     for step in range(3):
-        _set_grads(step, [p, q], [p2, q2])
+        set_grads(step, [p, q], [p2, q2])
         try:
             opt_a.step()
         except KeyError:  # torch.optim.Adagrad before lazy state (e.g. 2.11) cannot step an added group
             pytest.skip(f"torch {torch.__version__}'s Adagrad has no state for an added param group")
         opt_b.step()
-    _assert_optimizers_match([p, q], [p2, q2], opt_a, opt_b, torch.float32)
-
-
-def test_lr_scheduler_closure_zero_grad_and_params_without_grads():
-    params = _make_params(torch.float32)
-    a, b, opt_a, opt_b = _pair(params, dict(lr=0.1, lr_decay=0.01))
-    sched_a = torch.optim.lr_scheduler.StepLR(opt_a, step_size=2, gamma=0.5)
-    sched_b = torch.optim.lr_scheduler.StepLR(opt_b, step_size=2, gamma=0.5)
-    for step in range(6):
-        _set_grads(step, a, b)
-        a[1].grad = b[1].grad = None  # a parameter without a gradient is skipped, its step stays
-        loss_a = opt_a.step(lambda: torch.tensor(1.0))
-        loss_b = opt_b.step(lambda: torch.tensor(1.0))
-        assert loss_a == loss_b
-        sched_a.step()
-        sched_b.step()
-        opt_a.zero_grad()
-        opt_b.zero_grad()
-    _assert_optimizers_match(a, b, opt_a, opt_b, torch.float32)
-    assert opt_b.state[b[1]]["step"].item() == 0
-
-
-def test_differentiable_runs_torchs_implementation():
-    # Non-leaf parameters (as torch's differentiable tests use): the update is recorded by autograd.
-    leaves = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in [(3,), (2, 2)]]
-    a, b = [w.clone() for w in leaves], [w.clone() for w in leaves]
-    opt_a = torch.optim.Adagrad(a, lr=0.1, differentiable=True)
-    opt_b = pyeff.optim.Adagrad(b, lr=0.1, differentiable=True)
-    for step in range(3):
-        _set_grads(step, a, b)
-        opt_a.step()
-        opt_b.step()
-    _assert_optimizers_match(a, b, opt_a, opt_b, torch.float64)
-    assert b[0].grad_fn is not None
-    torch.autograd.grad(sum(p.sum() for p in b), leaves)
-
-
-def test_zero_size_and_non_contiguous_parameters():
-    base_a = torch.randn(8, 9)
-    base_b = base_a.clone()
-    pa = [torch.nn.Parameter(torch.randn(0)), torch.nn.Parameter(base_a.t())]
-    pb = [torch.nn.Parameter(pa[0].detach().clone()), torch.nn.Parameter(base_b.t())]
-    opt_a, opt_b = torch.optim.Adagrad(pa, lr=0.1), pyeff.optim.Adagrad(pb, lr=0.1)
-    for step in range(3):
-        _set_grads(step, pa, pb)
-        opt_a.step()
-        opt_b.step()
-    _assert_optimizers_match(pa, pb, opt_a, opt_b, torch.float32)
-
-
-def test_deepcopy_keeps_the_extras():
-    opt = pyeff.optim.Adagrad([torch.nn.Parameter(torch.randn(3))], max_grad_norm=1.0, backend="reference")
-    copied = copy.deepcopy(opt)
-    assert copied.max_grad_norm == 1.0 and copied.backend == "reference"
-    assert copied.state_dict()["state"].keys() == opt.state_dict()["state"].keys()
-
-
-def _bad_grad_dtype(params, opt):
-    params[2].grad.data = params[2].grad.data.double()  # .data bypasses the grad setter's checks
-
-
-def _bad_grad_shape(params, opt):
-    params[2].grad.data = torch.randn(3)
-
-
-def _bad_lr(params, opt):
-    opt.param_groups[1]["lr"] = -0.5  # groups can be edited after construction
-
-
-def _bad_eps(params, opt):
-    opt.param_groups[1]["eps"] = -1.0
-
-
-BAD_STEPS = [
-    ("grad dtype", _bad_grad_dtype, RuntimeError, "a gradient of dtype torch.float64 for a parameter of dtype"),
-    ("grad shape", _bad_grad_shape, RuntimeError, r"a gradient of shape \(3,\) for a parameter of shape"),
-    ("lr edited", _bad_lr, ValueError, "Invalid learning rate: -0.5"),
-    ("eps edited", _bad_eps, ValueError, "Invalid epsilon value: -1.0"),
-]
-
-
-@pytest.mark.parametrize("name,corrupt,error,regex", BAD_STEPS, ids=[b[0] for b in BAD_STEPS])
-def test_bad_step_inputs_raise_before_anything_is_written(name, corrupt, error, regex):
-    # The bad input is in the last group: nothing of the first one may be written either.
-    params = [torch.nn.Parameter(torch.randn(s)) for s in [(6,), (4, 2), (5,)]]
-    opt = pyeff.optim.Adagrad([{"params": params[:1]}, {"params": params[1:]}], lr=0.1)
-    _train(params, opt, 2, seed=0)
-    _set_grads(7, params)
-    corrupt(params, opt)
-    values = [p.detach().clone() for p in params]
-    state = copy.deepcopy(opt.state_dict()["state"])
-    with pytest.raises(error, match=regex):
-        opt.step()
-    for p, v in zip(params, values):
-        assert torch.equal(p.detach(), v)
-    for idx, st_before in state.items():
-        for key, value in st_before.items():
-            assert torch.equal(opt.state_dict()["state"][idx][key], value)
+    assert_optimizers_match([p, q], [p2, q2], opt_a, opt_b, torch.float32)
 
 
 # ----------------------------------------------------------------------------- sparse gradients
@@ -626,7 +438,7 @@ def test_sparse_parity_with_torch(dtype, kwargs):
         assert mb.emb.weight.grad.is_sparse and not mb.emb.weight.grad.is_coalesced()
         opt_a.step()
         opt_b.step()
-    _assert_optimizers_match(list(ma.parameters()), list(mb.parameters()), opt_a, opt_b, dtype)
+    assert_optimizers_match(list(ma.parameters()), list(mb.parameters()), opt_a, opt_b, dtype)
 
 
 def test_sparse_only_touched_rows_change():
@@ -672,40 +484,10 @@ def test_sparse_out_of_range_index_raises_before_any_write():
 # -------------------------------------------------------------------------------- checkpoints
 
 
-def _train(params, opt, steps, seed):
-    for step in range(steps):
-        _set_grads(seed + step, params)
-        opt.step()
-
-
-@pytest.mark.parametrize("direction", ["pyeff_to_torch", "torch_to_pyeff"])
-def test_checkpoint_moves_both_ways_and_training_continues_identically(direction, tmp_path):
-    kwargs = dict(lr=0.1, lr_decay=0.05, weight_decay=0.01, initial_accumulator_value=0.1)
-    params = _make_params(torch.float32, complex_too=True)
-    src_cls, dst_cls = ((pyeff.optim.Adagrad, torch.optim.Adagrad) if direction == "pyeff_to_torch"
-                        else (torch.optim.Adagrad, pyeff.optim.Adagrad))
-    src = [torch.nn.Parameter(p.clone()) for p in params]
-    opt_src = src_cls(src, **kwargs)
-    _train(src, opt_src, 4, seed=0)
-    torch.save({"params": [p.detach() for p in src], "opt": opt_src.state_dict()}, tmp_path / "ckpt.pt")
-
-    ckpt = torch.load(tmp_path / "ckpt.pt")
-    dst = [torch.nn.Parameter(p.clone()) for p in ckpt["params"]]
-    opt_dst = dst_cls(dst, **kwargs)
-    opt_dst.load_state_dict(ckpt["opt"])
-    for p in dst:
-        assert opt_dst.state[p]["step"].item() == 4
-    _train(src, opt_src, 5, seed=100)
-    _train(dst, opt_dst, 5, seed=100)
-    a, b, opt_a, opt_b = ((dst, src, opt_dst, opt_src) if dst_cls is torch.optim.Adagrad
-                          else (src, dst, opt_src, opt_dst))
-    _assert_optimizers_match(a, b, opt_a, opt_b, torch.float32)
-
-
 def test_master_weights_checkpoint_round_trip_keeps_fp32_state(tmp_path):
     p = torch.nn.Parameter(torch.randn(40).bfloat16())
     opt = pyeff.optim.Adagrad([p], lr=0.1, master_weights=True)
-    _train([p], opt, 3, seed=0)
+    train([p], opt, 3, seed=0)
     sd = copy.deepcopy(opt.state_dict())
     q = torch.nn.Parameter(p.detach().clone())
     opt2 = pyeff.optim.Adagrad([q], lr=0.1, master_weights=True)
@@ -739,7 +521,7 @@ def test_overflow_skips_the_step_bitwise(scaler_kind, bad, where, sparse):
     params = [torch.nn.Parameter(torch.randn(s)) for s in [(5,), (40, 3), (7,)]]
     opt = pyeff.optim.Adagrad(params, lr=0.1, lr_decay=0.1)
     scaler = _scaler(scaler_kind)
-    _train(params, opt, 2, seed=0)  # non-trivial state
+    train(params, opt, 2, seed=0)  # non-trivial state
     grads = [torch.randn(p.shape) * scaler.get_scale() for p in params]
     k = {"first": 0, "middle": 1, "last": 2}[where]
     grads[k].view(-1)[min(3, grads[k].numel() - 1)] = float(bad)
@@ -781,16 +563,16 @@ def test_scaled_step_matches_unscaled_torch_step(scaler_kind, sparse):
         scaler.step(opt_b)
         scaler.update()
         assert not bool(opt_b.last_step_skipped)
-    _assert_optimizers_match(list(ma.parameters()), list(mb.parameters()), opt_a, opt_b, torch.float32)
+    assert_optimizers_match(list(ma.parameters()), list(mb.parameters()), opt_a, opt_b, torch.float32)
 
 
 @pytest.mark.parametrize("max_norm", [0.5, 1e3])
 def test_max_grad_norm_equals_clip_grad_norm_then_step(max_norm):
-    params = _make_params(torch.float32)
+    params = make_params(torch.float32)
     a, b, opt_a, opt_b = _pair(params, dict(lr=0.1, weight_decay=0.01), dict(lr=0.1, weight_decay=0.01,
                                                                             max_grad_norm=max_norm))
     for step in range(5):
-        _set_grads(step, a, b)
+        set_grads(step, a, b)
         for p in a:
             p.grad.mul_(3.0)
         for p in b:
@@ -799,7 +581,7 @@ def test_max_grad_norm_equals_clip_grad_norm_then_step(max_norm):
         opt_a.step()
         opt_b.step()
         torch.testing.assert_close(opt_b.grad_norm, norm)
-    _assert_optimizers_match(a, b, opt_a, opt_b, torch.float32)
+    assert_optimizers_match(a, b, opt_a, opt_b, torch.float32)
 
 
 def test_max_grad_norm_with_sparse_gradients_clips_the_values():
@@ -819,7 +601,7 @@ def test_max_grad_norm_with_sparse_gradients_clips_the_values():
     opt.step()
     opt_ref.step()
     torch.testing.assert_close(opt.grad_norm, norm)
-    _assert_optimizers_match(list(ref.parameters()), list(m.parameters()), opt_ref, opt, torch.float32)
+    assert_optimizers_match(list(ref.parameters()), list(m.parameters()), opt_ref, opt, torch.float32)
 
 
 def test_max_grad_norm_skips_on_non_finite_gradient():

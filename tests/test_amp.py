@@ -1,5 +1,6 @@
 """The fused mixed-precision step: loss-scale unscaling and overflow skip inside the update,
-pyeff.amp.GradScaler, fused clipping (max_grad_norm), fp32 master weights, compensated summation."""
+pyeff.amp.GradScaler, fused clipping (max_grad_norm), fp32 master weights, compensated summation;
+every test runs for each optimizer of OPTIMIZERS (tests/_optimizers.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import io
 
 import pytest
 import torch
+from _optimizers import OPTIMIZERS
 
 import pyeff
 
@@ -60,14 +62,16 @@ def _assert_bitwise_equal(snap_a, snap_b):
 @pytest.mark.parametrize("where", ["first", "middle", "last"])
 @pytest.mark.parametrize("scaler_name", list(SCALERS))
 @pytest.mark.parametrize("master", [False, True], ids=["fp32", "bf16-master"])
-def test_overflow_skips_the_step_bitwise_and_backs_off(scaler_name, where, value, master):
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_overflow_skips_the_step_bitwise_and_backs_off(name, scaler_name, where, value, master):
+    optim = OPTIMIZERS[name]
     dtype = torch.bfloat16 if master else torch.float32
     model = _model(dtype)
-    opt = pyeff.optim.AdamW(model.parameters(), lr=1e-2, amsgrad=True, master_weights=master, max_grad_norm=5.0)
+    opt = optim.pyeff(model.parameters(), master_weights=master, max_grad_norm=5.0)
     scaler = SCALERS[scaler_name]("cpu", init_scale=2.0**12, growth_interval=1)
     # torch's composition on an identical fp32 copy, for the scale sequence
     ref_model = _model(torch.float32)
-    ref_opt = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, amsgrad=True)
+    ref_opt = optim.torch(ref_model.parameters())
     ref_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=1)
     params, ref_params = list(model.parameters()), list(ref_model.parameters())
     for i, (x, y) in enumerate(_batches(4)):
@@ -90,10 +94,42 @@ def test_overflow_skips_the_step_bitwise_and_backs_off(scaler_name, where, value
     assert scaler.get_scale() == 2.0**12 * 2**3 * 0.5  # grew three times, backed off once
 
 
-def test_scale_sequence_equals_torch_over_200_steps_with_random_overflows():
+@pytest.mark.parametrize("scaler_name", list(SCALERS))
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_overflow_at_the_first_step_then_training_as_torch(name, scaler_name):
+    # torch's GradScaler skips a non-fused torch optimizer's whole first step, so its lazy state
+    # (SGD's momentum buffers: first step buf = grad) starts at the next one; pyeff's must too.
+    optim = OPTIMIZERS[name]
     model, ref_model = _model(), _model()
-    opt = pyeff.optim.Adam(model.parameters(), lr=1e-3)
-    ref_opt = torch.optim.Adam(ref_model.parameters(), lr=1e-3)
+    opt, ref_opt = optim.pyeff(model.parameters()), optim.torch(ref_model.parameters())
+    scaler = SCALERS[scaler_name]("cpu", init_scale=2.0**10)
+    ref_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for i, (x, y) in enumerate(_batches(4)):
+        for m, o, s in ((model, opt, scaler), (ref_model, ref_opt, ref_scaler)):
+            o.zero_grad()
+            s.scale(_loss(m, x, y)).backward()
+            if i == 0:
+                next(m.parameters()).grad.view(-1)[0] = float("inf")
+            s.step(o)
+            s.update()
+        if i == 0:
+            assert bool(opt.last_step_skipped)
+            if name == "sgd":  # no momentum buffer yet, and no empty state either
+                assert opt.state_dict()["state"] == ref_opt.state_dict()["state"] == {}
+    for a, b in zip(ref_model.parameters(), model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    for pa, pb in zip(ref_model.parameters(), model.parameters()):
+        for key in optim.state_keys:
+            if key in ref_opt.state[pa]:
+                torch.testing.assert_close(opt.state[pb][key], ref_opt.state[pa][key], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_scale_sequence_equals_torch_over_200_steps_with_random_overflows(name):
+    optim = OPTIMIZERS[name]
+    model, ref_model = _model(), _model()
+    opt = optim.pyeff(model.parameters(), lr=1e-3)
+    ref_opt = optim.torch(ref_model.parameters(), lr=1e-3)
     scaler = pyeff.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=4)
     ref_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=4)
     gen = torch.Generator().manual_seed(7)
@@ -144,10 +180,12 @@ def test_scaler_with_a_torch_optimizer_behaves_like_torch():
         assert torch.equal(a, b)
 
 
-def test_explicit_unscale_then_step_works_like_torch():
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_explicit_unscale_then_step_works_like_torch(name):
     # A user who unscales by hand (e.g. to inspect gradients) gets torch's behaviour.
+    optim = OPTIMIZERS[name]
     model, ref_model = _model(), _model()
-    opt, ref_opt = pyeff.optim.AdamW(model.parameters()), torch.optim.AdamW(ref_model.parameters())
+    opt, ref_opt = optim.pyeff(model.parameters()), optim.torch(ref_model.parameters())
     scaler, ref_scaler = pyeff.amp.GradScaler("cpu"), torch.amp.GradScaler("cpu")
     for x, y in _batches(3):
         for m, o, s in ((model, opt, scaler), (ref_model, ref_opt, ref_scaler)):
@@ -161,9 +199,10 @@ def test_explicit_unscale_then_step_works_like_torch():
         torch.testing.assert_close(b, a, rtol=2e-5, atol=1e-7)
 
 
-def test_differentiable_refuses_loss_scaling():
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_differentiable_refuses_loss_scaling(name):
     p = torch.nn.Parameter(torch.randn(4))
-    opt = pyeff.optim.Adam([p], differentiable=True)
+    opt = OPTIMIZERS[name].pyeff_cls([p], differentiable=True)
     p.grad = torch.randn(4)
     opt.grad_scale = torch.tensor(2.0)
     with pytest.raises(RuntimeError, match="`differentiable=True` does not support loss scaling"):
@@ -175,10 +214,12 @@ def test_differentiable_refuses_loss_scaling():
 
 @pytest.mark.parametrize("scaler_name", [None, "torch", "pyeff"])
 @pytest.mark.parametrize("max_norm", [0.05, 1e3], ids=["clipping", "not-clipping"])
-def test_max_grad_norm_equals_clip_grad_norm_then_step(scaler_name, max_norm):
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_max_grad_norm_equals_clip_grad_norm_then_step(name, scaler_name, max_norm):
+    optim = OPTIMIZERS[name]
     model, ref_model = _model(), _model()
-    opt = pyeff.optim.AdamW(model.parameters(), lr=1e-2, max_grad_norm=max_norm)
-    ref_opt = torch.optim.AdamW(ref_model.parameters(), lr=1e-2)
+    opt = optim.pyeff(model.parameters(), max_grad_norm=max_norm)
+    ref_opt = optim.torch(ref_model.parameters())
     scaler = SCALERS[scaler_name]("cpu", init_scale=2.0**9) if scaler_name else None
     ref_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**9) if scaler_name else None
     for x, y in _batches(6):
@@ -205,28 +246,39 @@ def test_max_grad_norm_equals_clip_grad_norm_then_step(scaler_name, max_norm):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
 
 
-def test_nonfinite_gradient_with_clipping_and_no_scaler_skips():
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_nonfinite_gradient_with_clipping_and_no_scaler_skips(name):
     p = torch.nn.Parameter(torch.randn(10))
-    opt = pyeff.optim.Adam([p], max_grad_norm=1.0)
+    opt = OPTIMIZERS[name].pyeff([p], max_grad_norm=1.0)
     p.grad = torch.randn(10)
     opt.step()
     before = p.detach().clone()
+    state = copy.deepcopy(opt.state_dict()["state"])
     p.grad[4] = float("nan")
     opt.step()
     assert torch.equal(p, before) and bool(opt.last_step_skipped)
-    assert opt.state[p]["step"].item() == 1
+    after = opt.state_dict()["state"]
+    assert after.keys() == state.keys()
+    for k in state:
+        assert after[k].keys() == state[k].keys()
+        for key in state[k]:
+            assert torch.equal(after[k][key], state[k][key]), key
+    if "step" in state[0]:
+        assert opt.state[p]["step"].item() == 1
 
 
 # ---------------------------------------------------------------- low-precision parameters
 
 
-def _synthetic_run(dtype, steps, lr, start=torch.bfloat16, **kwargs):
-    """Params updated with a fixed stream of gradients; returns the fp32 view of the result. Every
-    run starts from the same values, representable in `start`."""
+def _synthetic_run(name, dtype, steps, start=torch.bfloat16, **kwargs):
+    """Params updated with a fixed stream of gradients and the optimizer's small learning rate,
+    no weight decay; returns the fp32 view of the result. Every run starts from the same values,
+    representable in `start`."""
+    optim = OPTIMIZERS[name]
     torch.manual_seed(11)
     init = [(torch.randn(1000) * 3).to(start), torch.randn(37, 5).to(start)]
     ps = [torch.nn.Parameter(t.to(dtype)) for t in init]
-    opt = pyeff.optim.AdamW(ps, lr=lr, weight_decay=0.0, **kwargs)
+    opt = optim.pyeff(ps, lr=optim.small_lr, weight_decay=0.0, **kwargs)
     gen = torch.Generator().manual_seed(5)
     for _ in range(steps):
         for p in ps:
@@ -237,38 +289,46 @@ def _synthetic_run(dtype, steps, lr, start=torch.bfloat16, **kwargs):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_master_weights_track_fp32_and_parameters_are_master_rounded(dtype):
-    ref, _, _ = _synthetic_run(torch.float32, 300, 1e-4, start=dtype)
-    plain, _, _ = _synthetic_run(dtype, 300, 1e-4, start=dtype)
-    low, master, opt = _synthetic_run(dtype, 300, 1e-4, start=dtype, master_weights=True)
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_master_weights_track_fp32_and_parameters_are_master_rounded(name, dtype):
+    ref, _, _ = _synthetic_run(name, torch.float32, 300, start=dtype)
+    plain, _, _ = _synthetic_run(name, dtype, 300, start=dtype)
+    low, master, opt = _synthetic_run(name, dtype, 300, start=dtype, master_weights=True)
     for r, pl, m, p in zip(ref, plain, master, low):
         err_master = (m - r).abs().max().item()
         err_plain = (pl - r).abs().max().item()
         assert err_master < 2e-3 < err_plain  # the fp32 master keeps the small updates plain bf16 loses
         assert torch.equal(m.to(dtype).float(), p)  # parameter == master rounded to nearest even
     for state in opt.state.values():
-        assert state["exp_avg"].dtype == torch.float32 and state["master_param"].dtype == torch.float32
+        assert state["master_param"].dtype == torch.float32
+        for key in OPTIMIZERS[name].state_keys:
+            assert key not in state or state[key].dtype == torch.float32
 
 
-def test_kahan_summation_keeps_small_updates():
-    ref, _, _ = _synthetic_run(torch.float32, 300, 1e-4)
-    plain, _, _ = _synthetic_run(torch.bfloat16, 300, 1e-4)
-    kahan, _, opt = _synthetic_run(torch.bfloat16, 300, 1e-4, kahan_summation=True)
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_kahan_summation_keeps_small_updates(name):
+    ref, _, _ = _synthetic_run(name, torch.float32, 300)
+    plain, _, _ = _synthetic_run(name, torch.bfloat16, 300)
+    kahan, _, opt = _synthetic_run(name, torch.bfloat16, 300, kahan_summation=True)
     for r, pl, k, p in zip(ref, plain, kahan, opt.state):
         # parameter + carried error tracks fp32; the parameter is its bf16 rounding
         carried = k + opt.state[p]["compensation"].float()
         assert (carried - r).abs().max() < 0.1 * (pl - r).abs().max()
         assert (k - r).abs().mean() < (pl - r).abs().mean()
     for state in opt.state.values():
-        assert state["compensation"].dtype == torch.bfloat16 and state["exp_avg"].dtype == torch.bfloat16
+        assert state["compensation"].dtype == torch.bfloat16
+        for key in OPTIMIZERS[name].state_keys:
+            assert key not in state or state[key].dtype == torch.bfloat16
 
 
-def test_bf16_model_with_master_weights_tracks_fp32_training():
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_bf16_model_with_master_weights_tracks_fp32_training(name):
+    optim = OPTIMIZERS[name]
     losses = {}
-    for name, dtype, kwargs in (("fp32", torch.float32, {}), ("bf16-master", torch.bfloat16,
-                                                             dict(master_weights=True))):
+    for run, dtype, kwargs in (("fp32", torch.float32, {}), ("bf16-master", torch.bfloat16,
+                                                            dict(master_weights=True))):
         model = _model(dtype)
-        opt = pyeff.optim.AdamW(model.parameters(), lr=3e-3, max_grad_norm=1.0, **kwargs)
+        opt = optim.pyeff_cls(model.parameters(), **optim.train, max_grad_norm=1.0, **kwargs)
         curve = []
         for x, y in _batches(60, seed=4):
             opt.zero_grad()
@@ -276,7 +336,7 @@ def test_bf16_model_with_master_weights_tracks_fp32_training():
             loss.backward()
             opt.step()
             curve.append(loss.item())
-        losses[name] = torch.tensor(curve)
+        losses[run] = torch.tensor(curve)
         if kwargs:
             for p in model.parameters():
                 assert torch.equal(opt.state[p]["master_param"].to(torch.bfloat16), p)
@@ -284,10 +344,13 @@ def test_bf16_model_with_master_weights_tracks_fp32_training():
     torch.testing.assert_close(losses["bf16-master"], losses["fp32"], rtol=0.05, atol=0.02)
 
 
-def test_mixed_precision_checkpoint_continues_bitwise():
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_mixed_precision_checkpoint_continues_bitwise(name):
+    optim = OPTIMIZERS[name]
+
     def make():
         model = _model(torch.bfloat16)
-        opt = pyeff.optim.AdamW(model.parameters(), lr=1e-2, master_weights=True, max_grad_norm=0.5, amsgrad=True)
+        opt = optim.pyeff(model.parameters(), master_weights=True, max_grad_norm=0.5)
         return model, opt, pyeff.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
 
     def train(model, opt, scaler, batches):
@@ -312,17 +375,20 @@ def test_mixed_precision_checkpoint_continues_bitwise():
     scaler2.load_state_dict(ckpt["scaler"])
     for p in model2.parameters():
         assert opt2.state[p]["master_param"].dtype == torch.float32
-        assert opt2.state[p]["exp_avg"].dtype == torch.float32
+        for key in optim.state_keys:
+            assert key not in opt2.state[p] or opt2.state[p][key].dtype == torch.float32
+        assert optim.state_keys[0] in opt2.state[p]
     train(model, opt, scaler, batches[5:])
     train(model2, opt2, scaler2, batches[5:])
     _assert_bitwise_equal(_snapshot(model, opt), _snapshot(model2, opt2))
     assert scaler.get_scale() == scaler2.get_scale()
 
 
-def test_fp16_parameters_with_fp16_gradients_and_both_scalers():
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_fp16_parameters_with_fp16_gradients_and_both_scalers(name):
     for cls in SCALERS.values():
         model = _model(torch.float16)
-        opt = pyeff.optim.Adam(model.parameters(), lr=1e-3, master_weights=True)
+        opt = OPTIMIZERS[name].pyeff(model.parameters(), lr=1e-3, master_weights=True)
         scaler = cls("cpu", init_scale=2.0**8)
         for x, y in _batches(3):
             opt.zero_grad()
@@ -334,14 +400,16 @@ def test_fp16_parameters_with_fp16_gradients_and_both_scalers():
             assert torch.equal(opt.state[p]["master_param"].half(), p)
 
 
-def test_low_precision_parameters_with_fp32_gradients():
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_low_precision_parameters_with_fp32_gradients(name):
     if not hasattr(torch.Tensor, "grad_dtype"):
         pytest.skip("this torch has no Tensor.grad_dtype")
+    optim = OPTIMIZERS[name]
     p = torch.nn.Parameter(torch.randn(333).bfloat16())
     p.grad_dtype = torch.float32
     ref = torch.nn.Parameter(p.detach().float())
-    opt = pyeff.optim.AdamW([p], master_weights=True)
-    ref_opt = pyeff.optim.AdamW([ref])
+    opt = optim.pyeff([p], master_weights=True)
+    ref_opt = optim.pyeff([ref])
     for _ in range(3):
         g = torch.randn(333)
         p.grad, ref.grad = g.clone(), g.clone()

@@ -31,6 +31,17 @@ def test_rows_give_ratio_of_medians_and_median_of_paired_ratios():
     assert "paired_pct_ceiling" not in rows[bench.CEILING].extra
 
 
+def test_bench_help_lists_every_suite():
+    import subprocess
+
+    from pyeff.cli import suites
+
+    out = subprocess.run([sys.executable, "-m", "pyeff", "bench", "--help"], capture_output=True, text=True, check=True)
+    listed = out.stdout.split("suites:", 1)[1]
+    names = [line.split()[0] for line in listed.splitlines() if line.startswith("  ") and not line.startswith("   ")]
+    assert names == list(suites()) and "sgd" in names
+
+
 def test_the_gpu_optimizer_suite_runs_its_cases_on_the_cpu():
     # benchmarks/optim_gpu.py runs only where a GPU is lent; its cases are run here on the CPU
     # backend with tiny sizes, so that the code a GPU session runs has run before.
@@ -41,7 +52,7 @@ def test_the_gpu_optimizer_suite_runs_its_cases_on_the_cpu():
     sizes = bench.model_like_sizes(20_000, 24)
     rows = optim_gpu.run_cases(sizes, torch.device("cpu"), ("cpu",), rounds=1)
     cases = {r.case.split()[0] for r in rows}
-    assert cases == {"adamw", "amp", "adagrad"}
+    assert cases == {"adamw", "amp", "adagrad", "sgd"}
     amp = {r.provider: r for r in rows if r.case.startswith("amp")}
     assert set(amp) == {"pyeff_cpu", "torch_composition", bench.CEILING}
     assert amp["torch_composition"].bytes_per_elem == 60 and amp["pyeff_cpu"].bytes_per_elem == 30

@@ -424,12 +424,8 @@ def test_autocast_like_torch(backend):
 
 
 @pytest.mark.parametrize("isa", ["default", "avx2"])
-def test_lower_isa_variants_agree(isa, tmp_path):
+def test_lower_isa_variants_agree(isa, run_with_isa):
     # Each per-ISA build of the kernel (other vector widths, other exp code) matches the reference.
-    import os
-    import subprocess
-    import sys
-
     code = """
 import sys, torch, pyeff
 from pyeff import ops
@@ -441,12 +437,8 @@ for dtype in (torch.float32, torch.bfloat16):
     torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grad.float(), ref_grad.float(), atol=1e-6 if dtype == torch.float32 else 4e-3,
                                rtol=1e-5 if dtype == torch.float32 else 1.6e-2)
-print(pyeff._ext.cpu_isa())
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**os.environ, "PYEFF_CPU_ISA": isa})
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == isa or isa == "avx2" and out.stdout.strip() == "default"
+    run_with_isa(code, isa)
 
 
 @pytest.mark.gpu

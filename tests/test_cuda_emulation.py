@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from _optim_cases import (ADAGRAD_HP, ADAGRAD_LISTS, ADAM_COMBOS, ADAM_HP, ADAM_LISTS, CHUNK, SIZES, adagrad_inputs,
-                          adam_inputs, assert_equal, clone, grads_of_every_dtype)
-from pyeff.ops import adagrad_step, adam_step, grad_stats, step_control
+from _optim_cases import (ADAGRAD_HP, ADAGRAD_LISTS, ADAM_COMBOS, ADAM_HP, ADAM_LISTS, CHUNK, SGD_HP, SGD_LISTS, SIZES,
+                          adagrad_inputs, adam_inputs, assert_equal, clone, grads_of_every_dtype, sgd_inputs)
+from pyeff.ops import adagrad_step, adam_step, grad_stats, sgd_step, step_control
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
-OPTIMIZER_SOURCES = ["adam.cu", "adagrad.cu", "grad_stats.cu", "step_control.cu"]
+OPTIMIZER_SOURCES = ["adam.cu", "adagrad.cu", "sgd.cu", "grad_stats.cu", "step_control.cu"]
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +124,62 @@ def test_adagrad_sparse_index_outside_the_parameter_is_a_device_assert(emulated)
     inputs["state_steps"].append(torch.tensor(0.0))
     with pytest.raises(RuntimeError, match="device-side assert"):
         _run_emulated_adagrad(emulated, inputs, ADAGRAD_HP)
+
+
+# ---------------------------------------------------------------- sgd
+
+
+def _run_emulated_sgd(ops, x, hp, grad_mult=None, found_inf=None, lr_tensor=None):
+    with torch.no_grad():
+        ops.sgd_step(*[x[k] for k in SGD_LISTS], hp["lr"], hp["momentum"], hp["dampening"], hp["weight_decay"],
+                     hp["nesterov"], hp["maximize"], grad_mult, found_inf, lr_tensor)
+
+
+@pytest.mark.parametrize("dtype,grad_dtype,mode", ADAM_COMBOS, ids=lambda x: str(x).replace("torch.", ""))
+@pytest.mark.parametrize("hp", SGD_HP, ids=["dampening-maximize", "nesterov", "plain"])
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "misaligned"])
+def test_sgd_matches_the_cpu_kernel_bitwise(emulated, dtype, grad_dtype, mode, hp, offset):
+    inputs = sgd_inputs(SIZES, dtype, grad_dtype, mode, hp["momentum"], offset)
+    got, cpu, ref = clone(inputs), clone(inputs), clone(inputs)
+    if mode == "master":  # the parameter is an output only: poison it
+        for p in got["params"]:
+            p.fill_(float("nan"))
+    mult = torch.tensor([0.37])
+    _run_emulated_sgd(emulated, got, hp, grad_mult=mult)
+    sgd_step(**cpu, **hp, grad_mult=mult, backend="cpu")
+    for b in got["momentum_buffers"]:  # first-step buffers were NaN: written
+        assert not b.isnan().any()
+    assert_equal(got, cpu, "emulated cuda vs cpu")
+    sgd_step(**ref, **hp, grad_mult=mult, backend="reference")
+    for a, b in zip(got["params"], ref["params"]):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2 if dtype.itemsize == 2 else 1e-5, atol=1e-2)
+
+
+@pytest.mark.parametrize("lr_dtype", [torch.float32, torch.float64])
+def test_sgd_reads_a_tensor_lr(emulated, lr_dtype):
+    hp = SGD_HP[0]
+    inputs = sgd_inputs(SIZES[:6], torch.float32, torch.float32, "plain", True)
+    got, want = clone(inputs), clone(inputs)
+    lr = torch.tensor(0.02, dtype=lr_dtype)
+    _run_emulated_sgd(emulated, got, {**hp, "lr": 123.0}, lr_tensor=lr)  # the float is ignored
+    sgd_step(**want, **{**hp, "lr": lr}, backend="cpu")
+    assert_equal(got, want, "tensor lr")
+
+
+def test_sgd_found_inf_leaves_everything_bitwise(emulated):
+    inputs = sgd_inputs(SIZES, torch.bfloat16, torch.bfloat16, "kahan", True)
+    got = clone(inputs)
+    _run_emulated_sgd(emulated, got, SGD_HP[0], grad_mult=torch.tensor([0.5]), found_inf=torch.tensor([1.0]))
+    assert_equal(got, inputs, "skipped step")
+
+
+def test_sgd_rejects_bad_input_before_writing(emulated):
+    inputs = sgd_inputs([5, 9], torch.float32, torch.float32, "plain", True)
+    inputs["momentum_buffers"][1] = inputs["momentum_buffers"][1].double()
+    snap = clone(inputs)
+    with pytest.raises(RuntimeError, match=r"expected momentum_buffers\[1\] to be Float, got Double"):
+        _run_emulated_sgd(emulated, inputs, SGD_HP[0])
+    assert_equal(inputs, snap, "bad input")
 
 
 # ---------------------------------------------------------------- grad_stats, step_control

@@ -11,15 +11,16 @@ import pytest
 import torch
 
 import pyeff
-from _optim_cases import ADAGRAD_HP, ADAM_COMBOS, ADAM_HP, SIZES, adagrad_inputs, adam_inputs, assert_equal, clone
-from pyeff.ops import adagrad_step, adam_step
+from _optim_cases import (ADAGRAD_HP, ADAM_COMBOS, ADAM_HP, SGD_HP, SIZES, adagrad_inputs, adam_inputs, assert_equal,
+                          clone, sgd_inputs)
+from pyeff.ops import adagrad_step, adam_step, sgd_step
 
 pytestmark = pytest.mark.gpu
 GPU_BACKENDS = ["cuda", "triton"]
 
 
 def _on(inputs, device):
-    return {k: [t.to(device) for t in v] for k, v in inputs.items()}
+    return {k: [t.to(device) if isinstance(t, torch.Tensor) else t for t in v] for k, v in inputs.items()}
 
 
 def _usable(backend):
@@ -45,6 +46,20 @@ def test_adam_matches_the_cpu_kernel(backend, dtype, grad_dtype, mode, offset):
                 torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
     else:  # the same operations, no contraction (NOTE [kernel numerics flags]): the same bits
         assert_equal(got, cpu, f"{backend} vs cpu")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype,grad_dtype,mode", ADAM_COMBOS, ids=lambda x: str(x).replace("torch.", ""))
+@pytest.mark.parametrize("hp", SGD_HP, ids=["dampening-maximize", "nesterov", "plain"])
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "misaligned"])
+def test_sgd_matches_the_cpu_kernel(backend, dtype, grad_dtype, mode, hp, offset):
+    _usable(backend)
+    inputs = sgd_inputs(SIZES + [200_003], dtype, grad_dtype, mode, hp["momentum"], offset)
+    cpu = clone(inputs)
+    got = _on(inputs, "cuda")
+    sgd_step(**cpu, **hp, grad_mult=torch.tensor(0.37), backend="cpu")
+    sgd_step(**got, **hp, grad_mult=torch.tensor(0.37, device="cuda"), backend=backend)
+    assert_equal(_on(got, "cpu"), cpu, f"{backend} vs cpu")  # the same operations, no contraction: the same bits
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)

@@ -11,10 +11,12 @@ Isa detect() {
 #if defined(__x86_64__) || defined(_M_X64)
   __builtin_cpu_init();
   Isa isa = Isa::DEFAULT;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+  // The features setup.py compiles each variant for (NOTE [per-ISA kernels]).
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+      __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2")) {
     isa = Isa::AVX2;
   }
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+  if (isa == Isa::AVX2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")) {
     isa = Isa::AVX512;
   }

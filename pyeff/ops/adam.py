@@ -33,7 +33,7 @@ from typing import List  # schemas: torch < 2.7 cannot read list[Tensor]
 import torch
 from torch import Tensor
 
-from ._low_precision import store_param
+from ._low_precision import committer, learning_rate_value, math_grad, store_param
 from ._multi_tensor import (check_quantized_layouts, group_by_device_and_dtype, learning_rate, make_dense, on_device,
                             present_or_empty)
 from ._registry import Op
@@ -55,14 +55,8 @@ def adam_step_reference(
     eps: float, weight_decay: float, amsgrad: bool, maximize: bool, decoupled_weight_decay: bool,
     grad_mult: Tensor | None = None, found_inf: Tensor | None = None, lr_tensor: Tensor | None = None,
 ) -> None:
-    # Decided on the device, without a sync: a skipped step writes back the old values.
-    skip = None if found_inf is None else found_inf != 0
-    # The learning rate in double, as torch.optim computes from a Python float.
-    lr = lr if lr_tensor is None else lr_tensor.to(torch.float64).reshape(())
-
-    def commit(dst: Tensor, new: Tensor) -> None:
-        dst.copy_(new if skip is None else torch.where(skip, dst, new))
-
+    commit = committer(found_inf)
+    lr = learning_rate_value(lr, lr_tensor)
     # Every tensor is walked in memory order, the order of the int8 blocks and the random bits.
     for i, param in enumerate(params):
         acc = torch.float64 if param.dtype == torch.float64 else torch.float32
@@ -78,11 +72,7 @@ def adam_step_reference(
         bits = rounding_bits(rng_seeds, i, step, param.numel())
         master = memory_order(master_params[i]) if master_params else None
         p = (master if master is not None else memory_order(param)).to(acc, copy=True)
-        g = memory_order(grads[i]).to(acc)
-        if grad_mult is not None:
-            g = g * grad_mult.to(acc)
-        if maximize:
-            g = -g
+        g = math_grad(memory_order(grads[i]), acc, grad_mult, maximize)
         if weight_decay != 0:
             if decoupled_weight_decay:
                 p.mul_(coef(1 - lr * weight_decay))

@@ -2,5 +2,6 @@
 
 from .adagrad import Adagrad
 from .adam import Adam, AdamW
+from .sgd import SGD
 
-__all__ = ["Adagrad", "Adam", "AdamW"]
+__all__ = ["SGD", "Adagrad", "Adam", "AdamW"]

@@ -59,7 +59,7 @@ def compress(x, moments, state, offset=0):
         codes, absmaxes = [], []
         for t in x[name]:
             c, a = quantize_state(t.float(), "int8" if signed else "uint8")
-            codes.append(torch.empty(c.numel() + offset, dtype=c.dtype)[offset:].copy_(c))
+            codes.append(torch.empty(c.numel() + offset, dtype=c.dtype).as_strided(c.shape, c.stride(), offset).copy_(c))
             absmaxes.append(a)
         x[name] = codes
         x[name[:-1] + "_absmaxes"] = absmaxes if codes else []

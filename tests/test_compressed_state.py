@@ -443,7 +443,7 @@ def test_a_torch_checkpoint_loads_quantized_and_the_export_loads_into_torch():
     # torch continues from the dequantized moments as pyeff with fp32 state does
     twin = pyeff.optim.AdamW(copy.deepcopy(model).parameters(), lr=1e-2, amsgrad=True)
     twin_model = [q for q in twin.param_groups[0]["params"]]
-    twin.load_state_dict(exported)
+    twin.load_state_dict(copy.deepcopy(exported))  # torch keeps a loaded step tensor as is: not shared
     for q, t in zip(model.parameters(), twin_model):
         q.grad = torch.randn_like(q)
         t.grad = q.grad.clone()

@@ -106,9 +106,10 @@ class FusedOptimizer(Optimizer):
         for group in self.param_groups:
             group.setdefault("master_weights", False)
             group.setdefault("kahan_summation", False)
-            group.setdefault("state_dtype", None)
-            group.setdefault("stochastic_rounding", False)
-            group.setdefault("seed", None)
+            if "state_dtype" in self.defaults:  # optimizers with compressed state (not SGD)
+                group.setdefault("state_dtype", None)
+                group.setdefault("stochastic_rounding", False)
+                group.setdefault("seed", None)
             for p in group["params"]:
                 p_state = self.state.get(p, {})
                 if "step" in p_state and not torch.is_tensor(p_state["step"]):

@@ -183,6 +183,8 @@ def torch_state_dict(optimizer, moments: tuple[tuple[str, bool], ...]) -> dict:
         for key, value in st.items():
             if key == "step":
                 out[key] = value.clone()
+            elif key in keys and value is None:  # torch.optim.SGD's momentum_buffer without momentum
+                out[key] = None
             elif key in keys:
                 signed = dict(moments)[key]
                 widened = load_moment(st, key, signed)

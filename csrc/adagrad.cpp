@@ -45,11 +45,12 @@ SparseRows sparse_rows(size_t i, const at::Tensor& grad, const at::Tensor& param
 
 void adagrad_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
                       at::TensorList state_steps, at::TensorList master_params, at::TensorList compensations,
-                      double lr, double lr_decay, double weight_decay, double eps, bool maximize,
-                      const std::optional<at::Tensor>& grad_mult, const std::optional<at::Tensor>& found_inf,
-                      const std::optional<at::Tensor>& lr_tensor) {
-  const OptimizerInputs in = check_adagrad_step(kOp, params, grads, state_sums, state_steps, master_params,
-                                              compensations, weight_decay, grad_mult, found_inf, lr_tensor);
+                      at::TensorList state_sum_absmaxes, at::IntArrayRef rng_seeds, double lr, double lr_decay,
+                      double weight_decay, double eps, bool maximize, const std::optional<at::Tensor>& grad_mult,
+                      const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& lr_tensor) {
+  const OptimizerInputs in =
+      check_adagrad_step(kOp, params, grads, state_sums, state_steps, master_params, compensations,
+                         state_sum_absmaxes, rng_seeds, weight_decay, grad_mult, found_inf, lr_tensor);
   const size_t n = params.size();
   if (n == 0) return;
   TORCH_CHECK(params[0].device().is_cpu(), kOp, ": the cpu backend takes CPU tensors, got ", params[0].device());
@@ -66,6 +67,8 @@ void adagrad_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   a.dtype = in.dtype;
   a.grad_dtype = in.grad_dtype;
   a.mode = in.low.mode;
+  a.sum_dtype = in.state.moment_dtype;
+  a.stochastic = in.state.stochastic;
   a.hyper = {lr_decay, eps, weight_decay, maximize, scaling.has_mult};
   a.lr = lr_tensor ? host_scalar(kOp, "lr_tensor", *lr_tensor) : lr;
   a.grad_mult = scaling.mult;
@@ -77,6 +80,9 @@ void adagrad_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
     t.sum = state_sums[i].data_ptr();
     t.master = in.low.master(i);
     t.compensation = in.low.compensation(i);
+    t.sum_absmax = in.state.quantized ? state_sum_absmaxes[i].data_ptr<float>() : nullptr;
+    t.seed = rng_seeds.empty() ? 0 : rng_seeds[i];
+    t.numel = params[i].numel();
     t.step = steps[i] + 1;
     int64_t work = params[i].numel();
     if (sparse[i].values.defined()) {
@@ -93,16 +99,17 @@ void adagrad_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   PYEFF_ISA_SELECT(adagrad_kernel)(a);
 
   advance_steps(state_steps, steps);
-  bump_versions({params, state_sums, state_steps, master_params, compensations});
+  bump_versions({params, state_sums, state_steps, master_params, compensations, state_sum_absmaxes});
 }
 
 // The checks alone, for the backends that write through raw addresses (Triton): adagrad_step.check.
 void adagrad_step_check(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
                         at::TensorList state_steps, at::TensorList master_params, at::TensorList compensations,
-                        double, double, double weight_decay, double, bool, const std::optional<at::Tensor>& grad_mult,
+                        at::TensorList state_sum_absmaxes, at::IntArrayRef rng_seeds, double, double,
+                        double weight_decay, double, bool, const std::optional<at::Tensor>& grad_mult,
                         const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& lr_tensor) {
-  check_adagrad_step(kOp, params, grads, state_sums, state_steps, master_params, compensations, weight_decay,
-                     grad_mult, found_inf, lr_tensor);
+  check_adagrad_step(kOp, params, grads, state_sums, state_steps, master_params, compensations, state_sum_absmaxes,
+                     rng_seeds, weight_decay, grad_mult, found_inf, lr_tensor);
   for (size_t i = 0; i < grads.size(); ++i) {
     if (grads[i].is_sparse() && grads[i].device().is_cpu()) check_sparse_indices_on_host(kOp, i, grads[i], params[i]);
   }

@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 
 #include "checks.h"
+#include "state_codec.h"
 
 namespace pyeff {
 
@@ -43,21 +44,30 @@ inline void check_sparse_indices_on_host(const char* op, size_t i, const at::Ten
 inline OptimizerInputs check_adagrad_step(const char* op, at::TensorList params, at::TensorList grads,
                                          at::TensorList state_sums, at::TensorList state_steps,
                                          at::TensorList master_params, at::TensorList compensations,
+                                         at::TensorList state_sum_absmaxes, at::IntArrayRef rng_seeds,
                                          double weight_decay, const std::optional<at::Tensor>& grad_mult,
                                          const std::optional<at::Tensor>& found_inf,
                                          const std::optional<at::Tensor>& lr_tensor) {
-  check_length(op, "state_sums", state_sums, params.size());
+  const size_t n = params.size();
+  check_length(op, "state_sums", state_sums, n);
+  // NOTE [compressed optimizer state]: int8 codes of the sums come with their blocks' absmax.
+  const bool coded = n > 0 && (state_sums[0].scalar_type() == at::kChar || state_sums[0].scalar_type() == at::kByte);
+  check_length(op, "state_sum_absmaxes", state_sum_absmaxes, coded ? n : 0);
   return check_optimizer_step(
-      op, params, grads, state_steps, master_params, compensations, grad_mult, found_inf, lr_tensor,
+      op, params, grads, state_steps, master_params, compensations, {"state_sums", state_sums, rng_seeds}, grad_mult,
+      found_inf, lr_tensor,
       [&](size_t i, const at::Tensor& p, c10::ScalarType grad_dtype) {
         if (grads[i].is_sparse()) {
           check_sparse_grad(op, i, grads[i], p, grad_dtype, weight_decay);
+          TORCH_CHECK(!coded, op, ": grads[", i, "] is sparse; int8 block codes of `state_sums` take dense gradients "
+                      "only");
         } else {
           check_same_layout(op, "grads", i, grads[i], p, grad_dtype, p.device().type());
         }
       },
-      [&](size_t i, const at::Tensor& p, c10::ScalarType state_dtype) {
-        check_same_layout(op, "state_sums", i, state_sums[i], p, state_dtype, p.device().type());
+      [&](size_t i, const at::Tensor& p, const StateFormat& state) {
+        check_same_layout(op, "state_sums", i, state_sums[i], p, state.dtype_of(false), p.device().type());
+        if (state.quantized) check_absmax(op, "state_sum_absmaxes", i, state_sum_absmaxes[i], p, kQuantBlock);
       });
 }
 

@@ -111,6 +111,58 @@ struct LowPrecisionState {
   void* compensation(size_t i) const { return mode == cpu::PrecisionMode::KAHAN ? comps[i].data_ptr() : nullptr; }
 };
 
+// The optimizer ops' moments and their storage (NOTE [compressed optimizer state] in
+// csrc/state_codec.h): fp64 parameters keep fp64 moments; the others store them as fp32, bf16,
+// int8 block codes (int8 for a signed moment, uint8 for a non-negative one, each code list with a
+// list of its blocks' fp32 absmax), or in their own dtype (not next to master weights). The first
+// moment's dtype decides, every other moment follows. `rng_seeds`: none, or one per parameter
+// (stochastic rounding, NOTE [random bits]).
+struct StateFormat {
+  c10::ScalarType moment_dtype = at::kFloat;  // the first moment's (Char: int8 codes)
+  bool quantized = false;
+  bool stochastic = false;
+
+  StateFormat() = default;
+  StateFormat(const char* op, const char* first_name, c10::ScalarType dtype, const LowPrecisionState& low,
+              c10::ScalarType first, size_t n, at::IntArrayRef rng_seeds)
+      : moment_dtype(first), quantized(first == at::kChar || first == at::kByte), stochastic(!rng_seeds.empty()) {
+    if (dtype == at::kDouble) {
+      TORCH_CHECK(first == at::kDouble, op, ": expected ", first_name, "[0] to be Double (float64 parameters keep "
+                  "float64 state), got ", first);
+    } else {
+      const bool own = first == dtype && low.mode != cpu::PrecisionMode::MASTER;
+      TORCH_CHECK(own || first == at::kFloat || first == at::kBFloat16 || quantized, op, ": expected ", first_name,
+                  "[0] to be Float, BFloat16, int8 block codes",
+                  (low.mode != cpu::PrecisionMode::MASTER && dtype != at::kFloat ? " or the parameters' dtype" : ""),
+                  ", got ", first);
+    }
+    TORCH_CHECK(rng_seeds.empty() || rng_seeds.size() == n, op, ": expected rng_seeds to hold ", n,
+                " seeds (one per parameter) or none, got ", rng_seeds.size());
+    TORCH_CHECK(!stochastic || dtype != at::kHalf || low.mode != cpu::PrecisionMode::PLAIN, op,
+                ": stochastic rounding (rng_seeds) rounds bfloat16 values; float16 parameters need master weights "
+                "or compensated summation");
+  }
+
+  // A moment's storage dtype: codes are int8 for a signed moment, uint8 for a non-negative one.
+  c10::ScalarType dtype_of(bool is_signed) const {
+    return quantized ? (is_signed ? at::kChar : at::kByte) : moment_dtype;
+  }
+};
+
+// The absmax of a coded moment's blocks: fp32, one per kQuantBlock elements, contiguous, on the
+// parameter's device.
+inline void check_absmax(const char* op, const char* name, size_t i, const at::Tensor& absmax, const at::Tensor& p,
+                         int64_t block) {
+  const int64_t blocks = (p.numel() + block - 1) / block;
+  TORCH_CHECK(absmax.defined() && absmax.scalar_type() == at::kFloat && absmax.dim() == 1 &&
+                  absmax.numel() == blocks && absmax.is_contiguous(),
+              op, ": expected ", name, "[", i, "] to be a contiguous float32 vector of ", blocks, " block scales for ",
+              p.numel(), " elements, got ", absmax.defined() ? c10::toString(absmax.scalar_type()) : "undefined",
+              " ", absmax.defined() ? absmax.sizes() : at::IntArrayRef{});
+  TORCH_CHECK(absmax.device() == p.device(), op, ": expected ", name, "[", i, "] on ", p.device(),
+              " like its parameter, got ", absmax.device());
+}
+
 // The optimizer ops' loss scaling and clipping (pyeff/optim/_fused.py, NOTE [mixed-precision step]).
 // NOTE [overflow skip]: a non-zero found_inf skips the whole step; parameters, every state tensor and
 // the step counts stay bitwise unchanged.
@@ -144,30 +196,40 @@ inline GradScaling grad_scaling(const char* op, const std::optional<at::Tensor>&
 // The checks every optimizer op makes, after the caller checked the lengths of its own state lists:
 // gradients and step counts one per parameter (an op without step counts passes nullopt), the
 // dtypes, each parameter's device and layout, its gradient (check_grad(i, p, grad_dtype): an op that
-// takes sparse gradients checks them its way), its state tensors (check_state(i, p, state_dtype)),
-// its low-precision state and step count, and the control scalars. Returns the dtypes and the
-// low-precision mode.
+// takes sparse gradients checks them its way), the storage of its moments (StateFormat, from
+// `moments`: the list whose dtype decides it, and the seeds of stochastic rounding), its state
+// tensors (check_state(i, p, format)), its low-precision state and step count, and the control
+// scalars. Returns the dtypes, the low-precision mode and the state format.
 struct OptimizerInputs {
   c10::ScalarType dtype, grad_dtype;
   LowPrecisionState low;
+  StateFormat state;
+};
+
+struct MomentLists {
+  const char* name;        // of `first`
+  at::TensorList first;    // the first moment (empty: the op keeps none, its format is the default)
+  at::IntArrayRef rng_seeds;
 };
 
 template <typename CheckGrad, typename CheckState>
 OptimizerInputs check_optimizer_step(const char* op, at::TensorList params, at::TensorList grads,
                                      std::optional<at::TensorList> state_steps, at::TensorList master_params,
-                                     at::TensorList compensations, const std::optional<at::Tensor>& grad_mult,
+                                     at::TensorList compensations, const MomentLists& moments,
+                                     const std::optional<at::Tensor>& grad_mult,
                                      const std::optional<at::Tensor>& found_inf,
                                      const std::optional<at::Tensor>& lr_tensor, const CheckGrad& check_grad,
                                      const CheckState& check_state) {
   const size_t n = params.size();
   check_length(op, "grads", grads, n);
   if (state_steps) check_length(op, "state_steps", *state_steps, n);
-  OptimizerInputs in{at::kFloat, at::kFloat, LowPrecisionState(op, params, master_params, compensations)};
+  OptimizerInputs in{at::kFloat, at::kFloat, LowPrecisionState(op, params, master_params, compensations), {}};
   if (n == 0) return in;
   in.dtype = params[0].scalar_type();
   in.grad_dtype = grads[0].scalar_type();
   check_optimizer_dtypes(op, in.dtype, in.grad_dtype);
-  const auto state_dtype = in.low.state_dtype(in.dtype);
+  const auto first = moments.first.empty() ? in.low.state_dtype(in.dtype) : moments.first[0].scalar_type();
+  in.state = StateFormat(op, moments.name, in.dtype, in.low, first, n, moments.rng_seeds);
   const auto device = params[0].device();
   for (size_t i = 0; i < n; ++i) {
     const auto& p = params[i];
@@ -175,7 +237,7 @@ OptimizerInputs check_optimizer_step(const char* op, at::TensorList params, at::
     TORCH_CHECK(p.device() == device, op, ": expected params[", i, "] on ", device, " like params[0], got ",
                 p.device());
     check_grad(i, p, in.grad_dtype);
-    check_state(i, p, state_dtype);
+    check_state(i, p, in.state);
     in.low.check(op, i, p, in.dtype);
     if (state_steps) check_scalar(op, "state_steps[" + std::to_string(i) + "]", (*state_steps)[i], device);
   }

@@ -48,4 +48,31 @@ void dispatch_optimizer_types(c10::ScalarType dtype, c10::ScalarType grad_dtype,
 template <typename P, PrecisionMode MODE>
 using state_t = std::conditional_t<MODE == PrecisionMode::MASTER, float, P>;
 
+// Moments stored as int8 block codes (NOTE [compressed optimizer state], csrc/state_codec.h).
+struct Q8 {};
+
+// As dispatch_optimizer_types, with the moments' storage M as a fourth tag (the dtype of the
+// first moment: Char or Byte for int8 codes): fp64 parameters keep fp64 moments; the others take fp32,
+// bf16 or int8 codes, or their own dtype (the op's checks make sure of the combination first).
+template <typename F>
+void dispatch_optimizer_state_types(c10::ScalarType dtype, c10::ScalarType grad_dtype, PrecisionMode mode,
+                                    c10::ScalarType moment_dtype, const F& f) {
+  dispatch_optimizer_types(dtype, grad_dtype, mode, [&](auto p, auto g, auto m) {
+    using P = typename decltype(p)::type;
+    if constexpr (std::is_same_v<P, double>) {
+      return f(p, g, m, TypeTag<double>{});
+    } else {
+      switch (moment_dtype) {
+        case c10::ScalarType::Char:
+        case c10::ScalarType::Byte: return f(p, g, m, TypeTag<Q8>{});
+        case c10::ScalarType::BFloat16: return f(p, g, m, TypeTag<c10::BFloat16>{});
+        case c10::ScalarType::Half:
+          if constexpr (std::is_same_v<P, c10::Half>) return f(p, g, m, TypeTag<c10::Half>{});
+          return;
+        default: return f(p, g, m, TypeTag<float>{});
+      }
+    }
+  });
+}
+
 }  // namespace pyeff

@@ -20,12 +20,13 @@ inline OptimizerInputs check_sgd_step(const char* op, at::TensorList params, at:
   TORCH_CHECK(is_first_step.size() == with_momentum, op, ": expected is_first_step to hold ", with_momentum,
               " flags (one per parameter with momentum, none without), got ", is_first_step.size());
   return check_optimizer_step(
-      op, params, grads, std::nullopt, master_params, compensations, grad_mult, found_inf, lr_tensor,
+      op, params, grads, std::nullopt, master_params, compensations, {"momentum_buffers", {}, {}}, grad_mult,
+      found_inf, lr_tensor,
       [&](size_t i, const at::Tensor& p, c10::ScalarType grad_dtype) {
         check_same_layout(op, "grads", i, grads[i], p, grad_dtype, p.device().type());
       },
-      [&](size_t i, const at::Tensor& p, c10::ScalarType state_dtype) {
-        if (with_momentum) check_same_layout(op, "momentum_buffers", i, momentum_buffers[i], p, state_dtype,
+      [&](size_t i, const at::Tensor& p, const StateFormat& state) {  // the default format: no compressed state
+        if (with_momentum) check_same_layout(op, "momentum_buffers", i, momentum_buffers[i], p, state.moment_dtype,
                                              p.device().type());
       });
 }

@@ -18,15 +18,15 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _state as Q
 from . import _tables as T
-from ._optim import advance_steps, column, load_param, mode_of, program_chunk, step_scalars, store_param
-from ._rounding import cast_rne
+from ._optim import advance_steps, column, load_param, mode_of, program_chunk, step_scalars
 from ._tables import div_ieee, f64, sqrt_ieee
 
 MAX_SPARSE_DIMS = 4
 # The columns of a tensor's row in the table (a sparse gradient's rows: NOTE [sparse Adagrad rows]).
-(_NUMEL, _PARAM, _GRAD, _SUM, _MASTER, _COMP, _STEP, _INDICES, _INDEX_DIM_STRIDE, _INDEX_ROW_STRIDE,
- _ROW_NUMEL, _SPARSE_DIM, _SIZES) = map(tl.constexpr, range(13))
+(_NUMEL, _PARAM, _GRAD, _SUM, _MASTER, _COMP, _STEP, _SUM_ABSMAX, _SEED, _INDICES, _INDEX_DIM_STRIDE,
+ _INDEX_ROW_STRIDE, _ROW_NUMEL, _SPARSE_DIM, _SIZES) = map(tl.constexpr, range(15))
 _STRIDES = tl.constexpr(_SIZES + MAX_SPARSE_DIMS)
 _COLUMNS = tl.constexpr(_STRIDES + MAX_SPARSE_DIMS)
 _VECTOR_COLUMNS = tuple(range(1, 6))  # param .. compensation
@@ -43,7 +43,10 @@ def _adagrad_kernel(
     P: tl.constexpr, G: tl.constexpr, S: tl.constexpr, STEP: tl.constexpr, ACC: tl.constexpr, MODE: tl.constexpr,
     MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, HAS_MULT: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     HAS_LR_TENSOR: tl.constexpr, HAS_SPARSE: tl.constexpr, ALIGNED: tl.constexpr,
+    CODED: tl.constexpr,  # sums are int8 codes, gradients dense (NOTE [compressed optimizer state])
+    SR: tl.constexpr,  # round bf16 values and codes stochastically (NOTE [random bits])
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    QBLOCKS: tl.constexpr,  # int8 blocks per step of a CODED program's loop
 ):
     row, start, end = program_chunk(Table, Chunks, FoundInf, _COLUMNS, HAS_FOUND_INF, CHUNK)
     # ---- this tensor's coefficients: double, rounded once to the math type
@@ -52,11 +55,29 @@ def _adagrad_kernel(
     eps = f64(eps_bits).to(ACC)
     weight_decay = f64(weight_decay_bits).to(ACC)
 
+    # Stochastic rounding's word 0 (NOTE [random bits]): the sum in its low half, the parameter in its high half.
+    k0, k1 = Q.random_key(tl.load(row + _SEED), step, 0)
+
     param = column(row, _PARAM, P, ALIGNED)
     grad = column(row, _GRAD, G, ALIGNED)
-    sums = column(row, _SUM, S, ALIGNED)
     master = column(row, _MASTER, tl.float32, ALIGNED)
     comp = column(row, _COMP, P, ALIGNED)
+    if CODED:
+        # ---- int8 sums, dense gradients: QBLOCKS whole blocks at a time, a row each
+        codes = column(row, _SUM, tl.uint8, False)
+        absmax = column(row, _SUM_ABSMAX, tl.float32, False)
+        for off in range(0, end - start, QBLOCKS * Q.QUANT_BLOCK):
+            blocks, i, mask, bmask = Q.block_tile(start + off, end, QBLOCKS)
+            p = load_param(param, master, i, mask, ACC, MODE)
+            old = p
+            g = tl.load(grad + i, mask=mask).to(ACC)
+            s = Q.load_codes(codes, absmax, i, blocks, mask, bmask, False)
+            p, s = _adagrad_math(p, g, s, grad_mult, weight_decay, eps, neg_clr, False, False, HAS_MULT, MAXIMIZE,
+                                 WEIGHT_DECAY)
+            Q.store_codes(codes, absmax, i, blocks, mask, bmask, s, False, SR, k0, k1, 0)
+            Q.store_param(param, master, comp, i, mask, p, old, P, ACC, MODE, SR, k0, k1, 1)
+        return
+    sums = column(row, _SUM, S, ALIGNED)
     indices = tl.load(row + _INDICES).to(tl.pointer_type(tl.int64))
     sparse = False
     if HAS_SPARSE:
@@ -84,24 +105,34 @@ def _adagrad_kernel(
         g = tl.load(grad + j, mask=mask).to(ACC)
         s = tl.load(sums + i, mask=mask).to(ACC)
         # ---- update (csrc/adagrad_math.h)
-        if HAS_MULT:
-            g = g * grad_mult
-        if MAXIMIZE:
-            g = -g
-        if WEIGHT_DECAY:  # dense gradients only (the op refuses weight decay with sparse ones)
-            g = g + weight_decay * p
-        s = s + g * g
-        std = sqrt_ieee(s) + eps
-        if HAS_SPARSE:
-            p = tl.where(sparse, p + neg_clr * div_ieee(g, std), p + div_ieee(neg_clr * g, std))
-        else:
-            p = p + div_ieee(neg_clr * g, std)
+        p, s = _adagrad_math(p, g, s, grad_mult, weight_decay, eps, neg_clr, sparse, HAS_SPARSE, HAS_MULT, MAXIMIZE,
+                             WEIGHT_DECAY)
         # ---- store
-        tl.store(sums + i, cast_rne(s, S), mask=mask)
-        store_param(param, master, comp, i, mask, p, old, P, ACC, MODE)
+        Q.store_rounded(sums, i, mask, s, S, SR, k0, k1, 0)
+        Q.store_param(param, master, comp, i, mask, p, old, P, ACC, MODE, SR, k0, k1, 1)
 
 
-def _row(i, p, g, values, s, master, comp, step) -> tuple[int, ...]:
+@triton.jit
+def _adagrad_math(p, g, s, grad_mult, weight_decay, eps, neg_clr, sparse, HAS_SPARSE: tl.constexpr,
+                  HAS_MULT: tl.constexpr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr):
+    """csrc/adagrad_math.h: (p, s) after one step; `sparse` (when HAS_SPARSE): a sparse gradient's
+    value (no weight decay, torch's sparse update order)."""
+    if HAS_MULT:
+        g = g * grad_mult
+    if MAXIMIZE:
+        g = -g
+    if WEIGHT_DECAY:  # dense gradients only (the op refuses weight decay with sparse ones)
+        g = g + weight_decay * p
+    s = s + g * g
+    std = sqrt_ieee(s) + eps
+    if HAS_SPARSE:
+        p = tl.where(sparse, p + neg_clr * div_ieee(g, std), p + div_ieee(neg_clr * g, std))
+    else:
+        p = p + div_ieee(neg_clr * g, std)
+    return p, s
+
+
+def _row(i, p, g, values, s, master, comp, step, absmax, seed) -> tuple[int, ...]:
     """A tensor's row of the table; `values`: the gradient, or a sparse one's contiguous values."""
     sparse = [0] * (5 + 2 * MAX_SPARSE_DIMS)
     numel = p.numel()
@@ -117,11 +148,11 @@ def _row(i, p, g, values, s, master, comp, step) -> tuple[int, ...]:
                   *[p.size(d) if d < dims else 0 for d in range(MAX_SPARSE_DIMS)],
                   *[p.stride(d) if d < dims else 0 for d in range(MAX_SPARSE_DIMS)]]
     return (numel, p.data_ptr(), values.data_ptr(), s.data_ptr(), T.address(master), T.address(comp), step.data_ptr(),
-            *sparse)
+            T.address(absmax), seed, *sparse)
 
 
-def adagrad_step(params, grads, state_sums, state_steps, master_params, compensations, lr, lr_decay, weight_decay, eps,
-                 maximize, grad_mult=None, found_inf=None, lr_tensor=None) -> None:
+def adagrad_step(params, grads, state_sums, state_steps, master_params, compensations, state_sum_absmaxes, rng_seeds, lr,
+                 lr_decay, weight_decay, eps, maximize, grad_mult=None, found_inf=None, lr_tensor=None) -> None:
     """The Triton backend of pyeff.ops.adagrad_step (the reference's signature; inputs bucketed by the
     op layer)."""
     if not params:
@@ -135,8 +166,11 @@ def adagrad_step(params, grads, state_sums, state_steps, master_params, compensa
     has_sparse = any(g.is_sparse for g in grads)
     if has_sparse and weight_decay != 0:
         raise RuntimeError("adagrad_step: weight_decay option is not compatible with sparse gradients")
+    coded = bool(state_sum_absmaxes)
     rows = [_row(i, p, grads[i], values[i], state_sums[i], master_params[i] if master_params else None,
-                 compensations[i] if compensations else None, state_steps[i]) for i, p in enumerate(params)]
+                 compensations[i] if compensations else None, state_steps[i],
+                 state_sum_absmaxes[i] if coded else None, rng_seeds[i] if rng_seeds else 0)
+            for i, p in enumerate(params)]
     table, chunks, programs = T.tables(rows, [r[0] for r in rows], device)
     if programs:
         acc = torch.float64 if params[0].dtype == torch.float64 else torch.float32
@@ -144,10 +178,11 @@ def adagrad_step(params, grads, state_sums, state_steps, master_params, compensa
             table, chunks, grad_mult if grad_mult is not None else table, found_inf if found_inf is not None else table,
             lr_tensor if lr_tensor is not None else table, T.bits(lr), T.bits(lr_decay), T.bits(eps),
             T.bits(weight_decay), P=T.to_tl(params[0].dtype), G=T.to_tl(values[0].dtype),
-            S=T.to_tl(state_sums[0].dtype), STEP=T.to_tl(state_steps[0].dtype), ACC=T.to_tl(acc), MODE=mode,
-            MAXIMIZE=maximize, WEIGHT_DECAY=weight_decay != 0, HAS_MULT=grad_mult is not None,
+            S=tl.float32 if coded else T.to_tl(state_sums[0].dtype), STEP=T.to_tl(state_steps[0].dtype),
+            ACC=T.to_tl(acc), MODE=mode, MAXIMIZE=maximize, WEIGHT_DECAY=weight_decay != 0, HAS_MULT=grad_mult is not None,
             HAS_FOUND_INF=found_inf is not None, HAS_LR_TENSOR=lr_tensor is not None, HAS_SPARSE=has_sparse,
-            ALIGNED=not has_sparse and T.all_aligned(rows, _VECTOR_COLUMNS), CHUNK=T.CHUNK, BLOCK=T.BLOCK,
-            **T.launch_options())
+            ALIGNED=not has_sparse and T.all_aligned(rows, _VECTOR_COLUMNS), CODED=coded,
+            SR=bool(rng_seeds) and acc == torch.float32, CHUNK=T.CHUNK, BLOCK=T.BLOCK,
+            QBLOCKS=Q.blocks_per_step(T.BLOCK), **T.launch_options())
     advance_steps(state_steps, found_inf)
-    T.bump_versions(params, state_sums, state_steps, master_params, compensations)
+    T.bump_versions(params, state_sums, state_steps, master_params, compensations, state_sum_absmaxes)

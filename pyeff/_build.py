@@ -5,9 +5,12 @@ NOTE [kernel numerics flags]
 Every backend of an optimizer op runs the same operations in the same order (csrc/<op>_math.h), so
 no compiler may contract a multiply and an add into one rounding (-ffp-contract=off, nvcc
 --fmad=false) or replace IEEE division and square root (no -ffast-math, no --use_fast_math).
+-fno-trapping-math changes no result (nothing reads the floating-point exception flags): it lets
+GCC turn a select between float values into a blend, without which the compressed-state loops of
+csrc/cpu/state_io.h stay scalar.
 """
 
-CXX_FLAGS = ["-O3", "-g0", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-Wno-psabi",
+CXX_FLAGS = ["-O3", "-g0", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-Wno-psabi",
              "-Wno-maybe-uninitialized"]  # the last two: false alarms from the at::vec headers
 
 

@@ -242,7 +242,7 @@ def test_property_backends_match_reference(data, dtype_mode, n_tensors, lr, lr_d
 
 def test_custom_op_passes_opcheck():
     lists = _op_inputs(torch.float32, (3, 40))
-    args = (*lists, 0.1, 0.0, 0.1, 1e-10, False, torch.tensor(0.5), torch.tensor(0.0), None)
+    args = (*lists, [], [], 0.1, 0.0, 0.1, 1e-10, False, torch.tensor(0.5), torch.tensor(0.0), None)
     torch.library.opcheck(ADAGRAD.overload("cpu"), args, test_utils=("test_schema", "test_faketensor"))
 
 
@@ -255,7 +255,7 @@ torch.manual_seed(0)
 ps = [torch.randn(1003), torch.randn(40, 33)]
 gs = [torch.randn(1003), torch.sparse_coo_tensor(torch.tensor([[3, 1, 3, 39]]), torch.randn(4, 33), (40, 33))]
 ss = [torch.rand(1003), torch.rand(40, 33)]
-torch.ops.pyeff.adagrad_step.cpu(ps, gs, ss, [torch.zeros(()), torch.zeros(())], [], [], lr=0.1, lr_decay=0.1,
+torch.ops.pyeff.adagrad_step.cpu(ps, gs, ss, [torch.zeros(()), torch.zeros(())], [], [], [], [], lr=0.1, lr_decay=0.1,
     weight_decay=0.0, eps=1e-10, maximize=True, grad_mult=torch.tensor(0.5))
 torch.save(ps + ss, sys.argv[1])
 """
@@ -290,7 +290,8 @@ BAD_OP_INPUTS = [
     # (the dispatcher itself refuses a meta tensor in the list, before the kernel's own check)
     ("grad device", _edit(_good, 1, 0, lambda g: g.to("meta")), {}, r"grads\[0\] on cpu, got meta|Meta tensors"),
     ("grad shape", _edit(_good, 1, 1, torch.randn(7)), {}, r"grads\[1\] of shape \[6\]"),
-    ("sum dtype", _edit(_good, 2, 0, lambda s: s.half()), {}, r"state_sums\[0\] to be Float, got Half"),
+    ("sum dtype", _edit(_good, 2, 0, lambda s: s.half()), {},
+     r"state_sums\[0\] to be Float, BFloat16, int8 block codes, got Half"),
     ("sum layout", _edit(_good, 2, 1, torch.rand(12)[::2]), {}, r"state_sums\[1\] to be dense"),
     ("step dtype", _edit(_good, 3, 1, torch.tensor(1)), {}, r"state_steps\[1\] to be float32 or float64"),
     ("step numel", _edit(_good, 3, 0, torch.zeros(2)), {}, r"state_steps\[0\] to have one element"),
@@ -326,7 +327,7 @@ def test_bad_op_inputs_raise_before_writing(backend, name, make, extra, regex):
     kwargs.update(extra)
     impl = OPS["adagrad_step"].overload(backend)
     with pytest.raises(RuntimeError, match=regex):
-        impl(*lists, **kwargs)
+        impl(*lists, [], [], **kwargs)  # no int8 codes, no stochastic rounding
     for xs, ys in zip(lists, before):
         for x, y in zip(xs, ys):
             if x.device.type == "cpu" and not x.is_sparse:

@@ -493,7 +493,7 @@ def test_op_rejects_bad_input_before_writing(what, mutate, match, backend):
     with pytest.raises(RuntimeError, match=match):
         pyeff.ops.ADAM.overload(backend)(*[inputs[k] for k in ("params", "grads", "exp_avgs", "exp_avg_sqs",
                                                             "max_exp_avg_sqs", "state_steps", "master_params",
-                                                            "compensations")],
+                                                            "compensations")], [], [], [], [],
                                       lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, amsgrad=True,
                                       maximize=False, decoupled_weight_decay=False)
     for key in inputs:
@@ -543,7 +543,7 @@ def test_custom_op_passes_opcheck():
     inputs = _op_inputs([5, 37], torch.float32, torch.float32, "plain", True)
     args = [inputs[k] for k in ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps",
                                 "master_params", "compensations")]
-    args += [0.01, 0.9, 0.99, 1e-8, 0.1, True, False, True, None, None, None]
+    args += [[], [], [], [], 0.01, 0.9, 0.99, 1e-8, 0.1, True, False, True, None, None, None]
     torch.library.opcheck(torch.ops.pyeff.adam_step.cpu, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 

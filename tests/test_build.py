@@ -68,7 +68,7 @@ import sys, torch, pyeff
 torch.manual_seed(0)
 p = torch.randn(1000); g = torch.randn(1000); m = torch.randn(1000); v = torch.rand(1000)
 s = torch.zeros(())
-torch.ops.pyeff.adam_step.cpu([p], [g], [m], [v], [], [s], [], [], lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8,
+torch.ops.pyeff.adam_step.cpu([p], [g], [m], [v], [], [s], [], [], [], [], [], [], lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8,
     weight_decay=0.1, amsgrad=False, maximize=False, decoupled_weight_decay=True)
 torch.save([p, m, v], sys.argv[1])
 """

@@ -24,6 +24,9 @@ struct AdagradTensor {
   void* sum;
   float* master;           // MASTER only
   void* compensation;      // KAHAN only
+  float* sum_absmax;       // uint8 codes only (NOTE [compressed optimizer state])
+  int64_t seed;            // stochastic rounding only (NOTE [random bits])
+  int64_t numel;           // the parameter's
   double step;             // the step count after this step's increment
   const int64_t* row_offsets = nullptr;  // sparse only: nnz offsets into param (NOTE [sparse Adagrad rows])
   int64_t row_numel = 0;                 // sparse only
@@ -37,6 +40,8 @@ struct AdagradArgs {
   c10::ScalarType dtype;       // parameter dtype
   c10::ScalarType grad_dtype;  // = dtype, or any of fp32/bf16/fp16 for fp32/bf16/fp16 parameters
   PrecisionMode mode;
+  c10::ScalarType sum_dtype;  // the sums' storage: Float, Double, BFloat16, Half, Byte (uint8 codes)
+  bool stochastic;            // round bf16 values and codes stochastically
   AdagradHyper hyper;
   double lr;
   double grad_mult;  // gradients are multiplied by this first (inverse loss scale x clip coefficient)

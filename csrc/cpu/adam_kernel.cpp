@@ -1,17 +1,19 @@
 // Adam / AdamW on the CPU: one parallel region over every tensor of a call, at::vec in the body,
 // a scalar tail with the same operations in the same order (csrc/adam_math.h), so results do not
-// depend on where a thread's range starts.
+// depend on where a thread's range starts. Moments stored as int8 codes, or rounded stochastically,
+// take the run path of csrc/cpu/state_io.h (NOTE [compressed optimizer state]).
 #include "cpu/adam_kernel.h"
 #include "cpu/param_io.h"
+#include "cpu/state_io.h"
 
 namespace pyeff::cpu::CPU_CAPABILITY {
 namespace {
 
-// Parameter storage P, gradient storage G, NOTE [low-precision parameter modes] MODE.
-template <typename P, typename G, PrecisionMode MODE>
+// Parameter storage P, gradient storage G, NOTE [low-precision parameter modes] MODE, moment
+// storage M (not Q8: moments read and written in place).
+template <typename P, typename G, PrecisionMode MODE, typename M>
 void adam_span(const AdamArgs& a, const AdamTensor& t, int64_t lo, int64_t hi) {
   using Acc = opmath_t<P>;
-  using M = state_t<P, MODE>;  // moment storage
   using V = Vectorized<Acc>;
   constexpr int64_t kBlock = block_size<Acc>();
 
@@ -53,16 +55,96 @@ void adam_span(const AdamArgs& a, const AdamTensor& t, int64_t lo, int64_t hi) {
   }
 }
 
-template <typename P, typename G, PrecisionMode MODE>
+// The run path: runs of up to kQuantBlock elements (whole blocks for Q8) loaded into fp32 arrays,
+// updated with the same vector body and scalar tail, and stored: moments as codes or rounded
+// stochastically (random word 0: exp_avg, exp_avg_sq; word 1: max_exp_avg_sq, the parameter).
+template <typename P, typename G, PrecisionMode MODE, typename M>
+void adam_runs(const AdamArgs& a, const AdamTensor& t, int64_t lo, int64_t hi) {
+  using V = Vectorized<float>;
+  constexpr int64_t kBlock = block_size<float>();
+  const ParamIo<P, MODE> param{static_cast<P*>(t.param), t.master, static_cast<P*>(t.compensation)};
+  auto* grad = static_cast<const G*>(t.grad);
+  const MomentRun<M, true> exp_avg{t.exp_avg, t.exp_avg_absmax};
+  const MomentRun<M, false> exp_avg_sq{t.exp_avg_sq, t.exp_avg_sq_absmax};
+  const MomentRun<M, false> max_sq{t.max_exp_avg_sq, t.max_exp_avg_sq_absmax};
+  const auto cs = adam_coef<float, float>(a.hyper, a.lr, t.step, float(a.grad_mult));
+  const auto cv = adam_coef<V, float>(a.hyper, a.lr, t.step, float(a.grad_mult));
+  const bool amsgrad = a.hyper.amsgrad;
+  const bool sr = a.stochastic;
+  const bool sr_param = sr && std::is_same_v<P, c10::BFloat16> && MODE == PrecisionMode::PLAIN;
+  const auto step = static_cast<int64_t>(t.step);
+  const RandomKey key0 = random_key(t.seed, step, 0), key1 = random_key(t.seed, step, 1);
+
+  alignas(64) float m[kQuantBlock], v[kQuantBlock], x[kQuantBlock], out[kQuantBlock];
+  alignas(64) uint32_t w0[kQuantBlock], w1[kQuantBlock];
+  block_aligned<M>(lo, hi, t.numel);
+  for (int64_t at = lo; at < hi; at += kQuantBlock) {
+    const int64_t n = std::min(kQuantBlock, hi - at);
+    if (sr) {
+      fill_random_words(key0, at, n, w0);
+      if (amsgrad || sr_param) fill_random_words(key1, at, n, w1);
+    }
+    exp_avg.load(at, n, m);
+    exp_avg_sq.load(at, n, v);
+    if (amsgrad) max_sq.load(at, n, x);
+    int64_t k = 0;
+    for (; k + kBlock <= n; k += kBlock) {
+      V p[2], g[2], mv[2], vv[2], xv[2];
+      param.load(at + k, p[0], p[1]);
+      Io<G>::load(grad + at + k, g[0], g[1]);
+      Io<float>::load(m + k, mv[0], mv[1]);
+      Io<float>::load(v + k, vv[0], vv[1]);
+      if (amsgrad) Io<float>::load(x + k, xv[0], xv[1]);
+      const V old[2] = {p[0], p[1]};
+      for (int j = 0; j < 2; ++j) adam_math(a.hyper, cv, p[j], g[j], mv[j], vv[j], xv[j]);
+      Io<float>::store(m + k, mv[0], mv[1]);
+      Io<float>::store(v + k, vv[0], vv[1]);
+      if (amsgrad) Io<float>::store(x + k, xv[0], xv[1]);
+      if (sr_param) {
+        Io<float>::store(out + k, p[0], p[1]);
+      } else {
+        param.store(at + k, p, old);
+      }
+    }
+    for (; k < n; ++k) {
+      float p = param.load1(at + k);
+      const float old = p;
+      adam_math(a.hyper, cs, p, float(Io<G>::load1(grad + at + k)), m[k], v[k], x[k]);
+      if (sr_param) {
+        out[k] = p;
+      } else {
+        param.store1(at + k, p, old);
+      }
+    }
+    exp_avg.store(at, n, m, sr ? w0 : nullptr, 0);
+    exp_avg_sq.store(at, n, v, sr ? w0 : nullptr, 16);
+    if (amsgrad) max_sq.store(at, n, x, sr ? w1 : nullptr, 0);
+    if constexpr (std::is_same_v<P, c10::BFloat16>) {
+      if (sr_param) store_bf16_stochastic(static_cast<P*>(t.param) + at, n, out, w1, 16);
+    }
+  }
+}
+
+template <typename P, typename G, PrecisionMode MODE, typename M>
 void run(const AdamArgs& a) {
-  for_each_span(a.offsets, [&](int64_t t, int64_t lo, int64_t hi) { adam_span<P, G, MODE>(a, a.tensors[t], lo, hi); });
+  // Runs where codes or stochastic rounding need them (fp32 math only: never for fp64).
+  constexpr bool kCoded = std::is_same_v<M, Q8>;
+  constexpr bool kMayRound = std::is_same_v<M, c10::BFloat16> || std::is_same_v<P, c10::BFloat16>;
+  const bool runs = kCoded || (kMayRound && a.stochastic);
+  for_each_span(a.offsets, [&](int64_t t, int64_t lo, int64_t hi) {
+    if constexpr (kCoded || kMayRound) {
+      if (runs) return adam_runs<P, G, MODE, M>(a, a.tensors[t], lo, hi);
+    }
+    if constexpr (!kCoded) adam_span<P, G, MODE, M>(a, a.tensors[t], lo, hi);
+  });
 }
 
 }  // namespace
 
 void adam_kernel(const AdamArgs& a) {
-  dispatch_optimizer_types(a.dtype, a.grad_dtype, a.mode, [&](auto p, auto g, auto mode) {
-    run<typename decltype(p)::type, typename decltype(g)::type, decltype(mode)::value>(a);
+  dispatch_optimizer_state_types(a.dtype, a.grad_dtype, a.mode, a.moment_dtype, [&](auto p, auto g, auto mode,
+                                                                                     auto m) {
+    run<typename decltype(p)::type, typename decltype(g)::type, decltype(mode)::value, typename decltype(m)::type>(a);
   });
 }
 

@@ -20,6 +20,11 @@ struct AdamTensor {
   void* max_exp_avg_sq;  // amsgrad only
   float* master;         // MASTER only
   void* compensation;    // KAHAN only (NOTE [low-precision parameter modes], cpu/low_precision.h)
+  float* exp_avg_absmax;         // int8 codes only (NOTE [compressed optimizer state])
+  float* exp_avg_sq_absmax;      // int8 codes only
+  float* max_exp_avg_sq_absmax;  // int8 codes and amsgrad only
+  int64_t seed;                  // stochastic rounding only (NOTE [random bits])
+  int64_t numel;
   double step;           // the step count after this step's increment
 };
 
@@ -29,6 +34,8 @@ struct AdamArgs {
   c10::ScalarType dtype;         // parameter dtype
   c10::ScalarType grad_dtype;    // = dtype, or any of fp32/bf16/fp16 for fp32/bf16/fp16 parameters
   PrecisionMode mode;
+  c10::ScalarType moment_dtype;  // the moments' storage: Float, Double, BFloat16, Half, Char (int8 codes)
+  bool stochastic;               // round bf16 values and codes stochastically
   AdamHyper hyper;
   double lr;
   double grad_mult;  // gradients are multiplied by this first (inverse loss scale x clip coefficient)

@@ -14,6 +14,7 @@
 #include <c10/macros/Macros.h>
 
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "cuda/runtime.cuh"
@@ -87,9 +88,21 @@ inline int grid_size(int64_t chunks, int blocks_per_device) {
   return static_cast<int>(chunks < blocks_per_device ? chunks : blocks_per_device);
 }
 
+// Resident blocks per SM a functor is compiled for: 2 (64 registers per thread), unless it
+// declares `static constexpr int kBlocksPerSm = 1` (128 registers: optimizer variants whose
+// update would spill at 64, e.g. int8 state, csrc/cuda/state_io.cuh).
+template <typename F, typename = void>
+struct BlocksPerSm {
+  static constexpr int value = 2;
+};
+template <typename F>
+struct BlocksPerSm<F, std::void_t<decltype(F::kBlocksPerSm)>> {
+  static constexpr int value = F::kBlocksPerSm;
+};
+
 // f(entry, begin, end, args...) for every chunk [begin, end) of the table's tensors.
 template <typename Entry, typename Functor, typename... Args>
-__global__ void __launch_bounds__(kThreads, 2)
+__global__ void __launch_bounds__(kThreads, BlocksPerSm<Functor>::value)
     multi_tensor_kernel(const __grid_constant__ Table<Entry> table, Functor f, Args... args) {
   const int64_t chunks = table.num_chunks();
   for (int64_t c = blockIdx.x; c < chunks; c += gridDim.x) {

@@ -17,12 +17,14 @@ from .grad_stats import GRAD_STATS, grad_stats
 from .linear_cross_entropy import LINEAR_CROSS_ENTROPY, linear_cross_entropy
 from .norm import NORM_BACKWARD, NORM_FORWARD, norm_backward, norm_forward
 from .sgd import SGD, sgd_step
+from .state_codec import DEQUANTIZE, QUANTIZE, dequantize_state, quantize_state
 from .step_control import STEP_CONTROL, step_control
 
 OPS = {op.name: op for op in (ADAGRAD, ADAM, GRAD_STATS, STEP_CONTROL, NORM_FORWARD, NORM_BACKWARD,
                               BIAS_GELU_FORWARD, BIAS_GELU_BACKWARD, SWIGLU_FORWARD, SWIGLU_BACKWARD, CROSS_ENTROPY,
-                              LINEAR_CROSS_ENTROPY, SGD)}
+                              LINEAR_CROSS_ENTROPY, SGD, QUANTIZE, DEQUANTIZE)}
 
 __all__ = ["BACKENDS", "OPS", "PREFERENCE", "adagrad_step", "adam_step", "backend_usable", "bias_gelu_backward",
-           "bias_gelu_forward", "cross_entropy", "grad_stats", "linear_cross_entropy", "norm_backward",
-           "norm_forward", "sgd_step", "step_control", "swiglu_backward", "swiglu_forward"]
+           "bias_gelu_forward", "cross_entropy", "dequantize_state", "grad_stats", "linear_cross_entropy",
+           "norm_backward", "norm_forward", "quantize_state", "sgd_step", "step_control", "swiglu_backward",
+           "swiglu_forward"]

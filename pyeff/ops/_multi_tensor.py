@@ -125,3 +125,18 @@ def present_or_empty(tensors: list[Tensor | None], name: str) -> list[Tensor]:
     if missing:
         raise ValueError(f"`{name}` must hold a tensor for every parameter of a dtype, or for none")
     return tensors
+
+
+def check_quantized_layouts(op: str, lists: TensorLists, names: Sequence[str], key: str = "params") -> None:
+    """int8/uint8 codes (NOTE [compressed optimizer state]) keep their blocks in their own memory
+    order, so make_dense must never copy them into another layout: they must already have their
+    parameter's (or, beside a parameter that is not dense, be contiguous)."""
+    for name in names:
+        for i, t in enumerate(lists[name]):
+            if t.dtype not in (torch.int8, torch.uint8):
+                continue
+            p = lists[key][i]
+            ok = t.is_contiguous() if not is_dense(p) else _layout_ok(t, p)
+            if not ok:
+                raise RuntimeError(f"{op}: {name}[{i}] holds int8 block codes laid out unlike its parameter (strides "
+                                   f"{t.stride()} vs {p.stride()}); codes cannot be copied into another layout")

@@ -22,6 +22,13 @@ skip] in csrc/checks.h). `master_params` / `compensations` select the low-precis
 NOTE [low-precision parameter modes] (csrc/cpu/low_precision.h); with master weights `state_sums`
 are fp32. :math:`\gamma` is `lr`, or the value of the one-element `lr_tensor` when given (read on
 the device).
+
+Compressed state (NOTE [compressed optimizer state] in csrc/state_codec.h): `state_sums` may be
+float32, bfloat16, or uint8 codes laid out like the parameter with their blocks' fp32 absmax in
+`state_sum_absmaxes` (empty otherwise; codes take dense gradients only: a sparse row would
+requantize whole blocks it does not own). With `rng_seeds` (one per tensor) every bfloat16 sum, every
+code and a bfloat16 parameter without master weights or compensation is rounded stochastically
+(NOTE [random bits]); a sparse gradient's elements draw the bits of their place in the parameter.
 """
 
 from __future__ import annotations
@@ -32,10 +39,14 @@ import torch
 from torch import Tensor
 
 from ._low_precision import store_param
-from ._multi_tensor import group_by_device_and_dtype, learning_rate, make_dense, on_device, present_or_empty
+from ._multi_tensor import (check_quantized_layouts, group_by_device_and_dtype, learning_rate, make_dense, on_device,
+                            present_or_empty)
 from ._registry import Op
+from .state_codec import (SLOT_ADAGRAD_PARAM, SLOT_SUM, dequantize_flat, memory_order, quantize_flat, round_bf16,
+                          slot_bits, to_code_dtype)
 
-_MUTATED = ("params", "state_sums", "state_steps", "master_params", "compensations")
+_MUTATED = ("params", "state_sums", "state_steps", "master_params", "compensations", "state_sum_absmaxes")
+SPARSE_CODES = "int8 block codes of `state_sums` take dense gradients only"
 ADAGRAD = Op("adagrad_step", mutates_args=_MUTATED)
 SPARSE_WEIGHT_DECAY = "weight_decay option is not compatible with sparse gradients"
 
@@ -59,27 +70,35 @@ def check_sparse_indices(grad: Tensor, where: str) -> None:
 @ADAGRAD.reference
 def adagrad_step_reference(
     params: List[Tensor], grads: List[Tensor], state_sums: List[Tensor], state_steps: List[Tensor],
-    master_params: List[Tensor], compensations: List[Tensor], lr: float, lr_decay: float, weight_decay: float,
-    eps: float, maximize: bool, grad_mult: Tensor | None = None, found_inf: Tensor | None = None,
-    lr_tensor: Tensor | None = None,
+    master_params: List[Tensor], compensations: List[Tensor], state_sum_absmaxes: List[Tensor], rng_seeds: List[int],
+    lr: float, lr_decay: float, weight_decay: float, eps: float, maximize: bool, grad_mult: Tensor | None = None,
+    found_inf: Tensor | None = None, lr_tensor: Tensor | None = None,
 ) -> None:
-    for g in grads:
+    for g, s in zip(grads, state_sums):
         if g.is_sparse:
             if weight_decay != 0:
                 raise RuntimeError(f"adagrad_step: {SPARSE_WEIGHT_DECAY}")
+            if s.dtype == torch.uint8:
+                raise RuntimeError(f"adagrad_step: {SPARSE_CODES}")
             check_sparse_indices(g, "adagrad_step")
     # Decided on the device, without a sync: a skipped step writes back the old values.
     skip = None if found_inf is None else found_inf != 0
     # The learning rate in double, as torch.optim computes from a Python float.
     lr = lr if lr_tensor is None else lr_tensor.to(torch.float64).reshape(())
+
+    def commit(dst: Tensor, new: Tensor) -> None:
+        dst.copy_(new if skip is None else torch.where(skip, dst, new))
+
     for i, param in enumerate(params):
         acc = torch.float64 if param.dtype == torch.float64 else torch.float32
         grad = grads[i]
         sparse = grad.is_sparse
+        step = state_steps[i].to(torch.float64) + 1
         if sparse:  # gather the touched rows; they are written back with index_put_
             grad = grad.coalesce()
             rows = tuple(grad._indices().unbind(0))
             g = grad._values().to(acc)
+            index = torch.arange(param.numel(), device=param.device).view(param.shape)[rows]
 
             def take(t: Tensor) -> Tensor:
                 return t[rows].to(acc)
@@ -87,14 +106,18 @@ def adagrad_step_reference(
             def put(t: Tensor, x: Tensor) -> None:
                 x = x.to(t.dtype)
                 t.index_put_(rows, x if skip is None else torch.where(skip, t[rows], x))
-        else:
-            g = grad.to(acc)
+        else:  # every tensor in memory order, the order of the int8 blocks and the random bits
+            g = memory_order(grad).to(acc)
+            index = torch.arange(param.numel(), device=param.device)
 
             def take(t: Tensor) -> Tensor:
-                return t.to(acc, copy=True)
+                return memory_order(t).to(acc, copy=True)
 
             def put(t: Tensor, x: Tensor) -> None:
-                t.copy_(x if skip is None else torch.where(skip, t, x))
+                commit(memory_order(t), x)
+
+        def bits(slot):
+            return None if not rng_seeds else slot_bits(rng_seeds[i], step, slot, param.numel())[index]
 
         if grad_mult is not None:
             g = g * grad_mult.to(acc)
@@ -105,18 +128,31 @@ def adagrad_step_reference(
         p = take(master_params[i] if master_params else param)
         if weight_decay != 0:
             g = g + weight_decay * p  # grad.add(param, alpha=weight_decay)
-        step = state_steps[i].to(torch.float64) + 1
         neg_clr = (-(lr / (1 + (step - 1) * lr_decay))).to(acc)  # clr in double, rounded once
-        s = take(state_sums[i]) + g * g  # state_sum.addcmul_(grad, grad, value=1)
+        quantized = state_sums[i].dtype == torch.uint8
+        if quantized:
+            s = dequantize_flat(memory_order(state_sums[i]), state_sum_absmaxes[i], False).to(acc)
+        else:
+            s = take(state_sums[i])
+        s = s + g * g  # state_sum.addcmul_(grad, grad, value=1)
         std = s.sqrt() + eps  # state_sum.sqrt().add_(eps)
         if sparse:
             p = p + neg_clr * (g / std)  # param.add_(sparse(grad_values / std_values), alpha=-clr)
         else:
             p = p + neg_clr * g / std  # param.addcdiv_(grad, std, value=-clr)
 
-        put(state_sums[i], s)
-        store_param(take, put, param, p, master=master_params[i] if master_params else None,
-                    compensation=compensations[i] if compensations else None)
+        r16 = bits(SLOT_SUM)
+        if quantized:
+            codes, absmax = quantize_flat(s.to(torch.float32), False, r16)
+            commit(memory_order(state_sums[i]), to_code_dtype(codes, False))
+            commit(state_sum_absmaxes[i], absmax)
+        else:
+            put(state_sums[i], round_bf16(s, r16) if r16 is not None and state_sums[i].dtype == torch.bfloat16 else s)
+        if rng_seeds and param.dtype == torch.bfloat16 and not master_params and not compensations:
+            put(param, round_bf16(p, bits(SLOT_ADAGRAD_PARAM)))
+        else:
+            store_param(take, put, param, p, master=master_params[i] if master_params else None,
+                        compensation=compensations[i] if compensations else None)
         state_steps[i].copy_(state_steps[i] + (1 if skip is None else (~skip).to(state_steps[i].dtype)))
 
 
@@ -128,17 +164,20 @@ def adagrad_step_triton(*args) -> None:
     adagrad_step(*args)
 
 
-def _with_kernel_layouts(bucket: dict[str, list[Tensor]]):
+def _with_kernel_layouts(bucket: dict[str, list], carried: tuple[str, ...] = ()):
     """(lists, write_back): make_dense for the tensors of dense gradients; for a sparse gradient the
-    kernels address rows in the parameter and its state, so those must be contiguous."""
+    kernels address rows in the parameter and its state, so those must be contiguous. Those come
+    last; the `carried` lists (per tensor, not laid out like it) follow the same order untouched."""
+    kept = {name: bucket.pop(name) for name in carried}
     sparse_at = [i for i, g in enumerate(bucket["grads"]) if g.is_sparse]
     if not sparse_at:
-        return make_dense(bucket, _MUTATED)
+        lists, write_back = make_dense(bucket, _MUTATED)
+        return {**lists, **kept}, write_back
     is_sparse = set(sparse_at)
     dense_at = [i for i in range(len(bucket["params"])) if i not in is_sparse]
 
-    def pick(idx):
-        return {name: [ts[i] for i in idx] if ts else [] for name, ts in bucket.items()}
+    def pick(idx, lists=bucket):
+        return {name: [ts[i] for i in idx] if ts else [] for name, ts in lists.items()}
 
     dense, dense_write_back = make_dense(pick(dense_at), _MUTATED)
     sparse = pick(sparse_at)
@@ -157,32 +196,37 @@ def _with_kernel_layouts(bucket: dict[str, list[Tensor]]):
         for original, copy in pending:
             original.copy_(copy)
 
-    return {name: dense[name] + sparse[name] for name in bucket}, write_back
+    kept = pick(dense_at + sparse_at, kept)
+    return {**{name: dense[name] + sparse[name] for name in bucket}, **kept}, write_back
 
 
 def adagrad_step(
     params: list[Tensor], grads: list[Tensor], state_sums: list[Tensor], state_steps: list[Tensor],
     master_params: list[Tensor | None] | None = None, compensations: list[Tensor | None] | None = None, *,
-    lr: float | Tensor,
+    state_sum_absmaxes: list[Tensor | None] | None = None, rng_seeds: list[int] | None = None, lr: float | Tensor,
     lr_decay: float = 0.0, weight_decay: float = 0.0, eps: float = 1e-10, maximize: bool = False,
     grad_mult: Tensor | None = None, found_inf: Tensor | None = None, backend: str | None = None,
 ) -> None:
     """One Adagrad step, in place, over parallel lists; gradients may be dense or sparse COO.
 
-    Tensors may mix devices and dtypes: each (device, parameter dtype, gradient dtype) bucket is one
-    kernel launch (one parallel region on the CPU, dense tensors and sparse rows together); gradient
-    dtypes are as for adam_step. `state_steps` are
-    one-element float tensors, incremented unless the step is skipped. See the module docstring.
+    Tensors may mix devices and dtypes: each (device, parameter dtype, gradient dtype, sum dtype)
+    bucket is one kernel launch (one parallel region on the CPU, dense tensors and sparse rows
+    together); gradient dtypes are as for adam_step. `state_steps` are one-element float tensors,
+    incremented unless the step is skipped. uint8-coded sums come with their absmax (None for a
+    parameter whose sum is not coded); `rng_seeds`: one seed per parameter for stochastic rounding,
+    or None. See the module docstring.
     """
     lists = {"params": params, "grads": grads, "state_sums": state_sums, "state_steps": state_steps,
-             "master_params": master_params or [], "compensations": compensations or []}
-    for (device, *_), bucket in group_by_device_and_dtype(lists).items():
-        for name in ("master_params", "compensations"):
+             "master_params": master_params or [], "compensations": compensations or [],
+             "state_sum_absmaxes": state_sum_absmaxes or [], "rng_seeds": rng_seeds or []}
+    for (device, *_), bucket in group_by_device_and_dtype(lists, ("params", "grads", "state_sums")).items():
+        for name in ("master_params", "compensations", "state_sum_absmaxes"):
             bucket[name] = present_or_empty(bucket[name], name)
-        dense, write_back = _with_kernel_layouts(bucket)
-        steps = dense.pop("state_steps")
+        check_quantized_layouts("adagrad_step", bucket, ("state_sums",))
+        dense, write_back = _with_kernel_layouts(bucket, carried=("state_steps", "state_sum_absmaxes", "rng_seeds"))
         lr_value, lr_tensor = learning_rate(lr, device)
-        ADAGRAD(ADAGRAD.choose(device, backend), dense["params"], dense["grads"], dense["state_sums"], steps,
-                dense["master_params"], dense["compensations"], lr_value, lr_decay, weight_decay, eps, maximize,
-                on_device(grad_mult, device), on_device(found_inf, device), lr_tensor)
+        ADAGRAD(ADAGRAD.choose(device, backend), dense["params"], dense["grads"], dense["state_sums"],
+                dense["state_steps"], dense["master_params"], dense["compensations"], dense["state_sum_absmaxes"],
+                dense["rng_seeds"], lr_value, lr_decay, weight_decay,
+                eps, maximize, on_device(grad_mult, device), on_device(found_inf, device), lr_tensor)
         write_back()

@@ -15,6 +15,15 @@ one-element `lr_tensor` when given (read by the kernel on the device, never on t
 `found_inf` skips the step entirely (NOTE [overflow skip] in csrc/checks.h). `master_params` /
 `compensations` select the low-precision modes of NOTE [low-precision parameter modes]
 (csrc/cpu/low_precision.h).
+
+Compressed state (NOTE [compressed optimizer state] in csrc/state_codec.h): the moments may be
+stored as float32, bfloat16, or int8 blocks: `exp_avgs` int8 codes, `exp_avg_sqs` (and
+`max_exp_avg_sqs`) uint8 codes, laid out like their parameter, each with its blocks' fp32 absmax
+in `exp_avg_absmaxes` / `exp_avg_sq_absmaxes` / `max_exp_avg_sq_absmaxes` (empty lists when the
+moments are not codes). They are dequantized, updated and stored again in the same pass. With
+`rng_seeds` (one seed per tensor; empty: round to nearest even) every bfloat16 moment, every
+code and a bfloat16 parameter without master weights or compensation is rounded stochastically,
+with the bits of NOTE [random bits] (csrc/random_bits.h).
 """
 
 from __future__ import annotations
@@ -25,11 +34,15 @@ import torch
 from torch import Tensor
 
 from ._low_precision import committer, learning_rate_value, math_grad, store_param
-from ._multi_tensor import group_by_device_and_dtype, learning_rate, make_dense, on_device, present_or_empty
+from ._multi_tensor import (check_quantized_layouts, group_by_device_and_dtype, learning_rate, make_dense, on_device,
+                            present_or_empty)
 from ._registry import Op
+from .state_codec import (SLOT_ADAM_PARAM, SLOT_EXP_AVG, SLOT_EXP_AVG_SQ, SLOT_MAX_EXP_AVG_SQ, load_moment,
+                          memory_order, round_bf16, rounding_bits, store_moment)
 
 _MUTATED = ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps", "master_params",
-            "compensations")
+            "compensations", "exp_avg_absmaxes", "exp_avg_sq_absmaxes", "max_exp_avg_sq_absmaxes")
+_ABSMAXES = ("exp_avg_absmaxes", "exp_avg_sq_absmaxes", "max_exp_avg_sq_absmaxes")
 ADAM = Op("adam_step", mutates_args=_MUTATED)
 
 
@@ -37,45 +50,56 @@ ADAM = Op("adam_step", mutates_args=_MUTATED)
 def adam_step_reference(
     params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
     max_exp_avg_sqs: List[Tensor], state_steps: List[Tensor], master_params: List[Tensor],
-    compensations: List[Tensor], lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-    amsgrad: bool, maximize: bool, decoupled_weight_decay: bool, grad_mult: Tensor | None = None,
-    found_inf: Tensor | None = None, lr_tensor: Tensor | None = None,
+    compensations: List[Tensor], exp_avg_absmaxes: List[Tensor], exp_avg_sq_absmaxes: List[Tensor],
+    max_exp_avg_sq_absmaxes: List[Tensor], rng_seeds: List[int], lr: float, beta1: float, beta2: float,
+    eps: float, weight_decay: float, amsgrad: bool, maximize: bool, decoupled_weight_decay: bool,
+    grad_mult: Tensor | None = None, found_inf: Tensor | None = None, lr_tensor: Tensor | None = None,
 ) -> None:
     commit = committer(found_inf)
     lr = learning_rate_value(lr, lr_tensor)
+    # Every tensor is walked in memory order, the order of the int8 blocks and the random bits.
     for i, param in enumerate(params):
         acc = torch.float64 if param.dtype == torch.float64 else torch.float32
 
         def coef(x):  # a double coefficient rounded once to the math dtype
             return x.to(acc) if isinstance(x, Tensor) else x
 
-        p = (master_params[i] if master_params else param).to(acc, copy=True)
-        g = math_grad(grads[i], acc, grad_mult, maximize)
+        def absmax(lists):
+            return lists[i] if lists else None
+
+        # Bias corrections in double, as torch.optim computes them from Python floats.
+        step = state_steps[i].to(torch.float64) + 1
+        bits = rounding_bits(rng_seeds, i, step, param.numel())
+        master = memory_order(master_params[i]) if master_params else None
+        p = (master if master is not None else memory_order(param)).to(acc, copy=True)
+        g = math_grad(memory_order(grads[i]), acc, grad_mult, maximize)
         if weight_decay != 0:
             if decoupled_weight_decay:
                 p.mul_(coef(1 - lr * weight_decay))
             else:
                 g = g.add(p, alpha=weight_decay)
-        m = exp_avgs[i].to(acc, copy=True)
-        v = exp_avg_sqs[i].to(acc, copy=True)
+        m = load_moment(exp_avgs[i], absmax(exp_avg_absmaxes), True, acc)
+        v = load_moment(exp_avg_sqs[i], absmax(exp_avg_sq_absmaxes), False, acc)
         m.lerp_(g, 1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        # Bias corrections in double, as torch.optim computes them from Python floats.
-        step = state_steps[i].to(torch.float64) + 1
         bias_correction2_sqrt = (1 - beta2**step).sqrt().to(acc)
         neg_step_size = (-lr / (1 - beta1**step)).to(acc)
         if amsgrad:
-            vmax = torch.maximum(max_exp_avg_sqs[i].to(acc), v)
-            commit(max_exp_avg_sqs[i], vmax)
+            vmax = torch.maximum(load_moment(max_exp_avg_sqs[i], absmax(max_exp_avg_sq_absmaxes), False, acc), v)
+            store_moment(commit, max_exp_avg_sqs[i], absmax(max_exp_avg_sq_absmaxes), vmax, False,
+                         bits(SLOT_MAX_EXP_AVG_SQ))
             denom = (vmax.sqrt() / bias_correction2_sqrt).add_(eps)
         else:
             denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
         p.add_(neg_step_size * m / denom)  # param.addcdiv_(exp_avg, denom, value=-step_size)
 
-        commit(exp_avgs[i], m)
-        commit(exp_avg_sqs[i], v)
-        store_param(lambda t: t.to(acc), commit, param, p, master=master_params[i] if master_params else None,
-                    compensation=compensations[i] if compensations else None)
+        store_moment(commit, exp_avgs[i], absmax(exp_avg_absmaxes), m, True, bits(SLOT_EXP_AVG))
+        store_moment(commit, exp_avg_sqs[i], absmax(exp_avg_sq_absmaxes), v, False, bits(SLOT_EXP_AVG_SQ))
+        comp = memory_order(compensations[i]) if compensations else None
+        if rng_seeds and param.dtype == torch.bfloat16 and master is None and comp is None:
+            commit(memory_order(param), round_bf16(p, bits(SLOT_ADAM_PARAM)))
+        else:
+            store_param(lambda t: t.to(acc), commit, memory_order(param), p, master=master, compensation=comp)
         commit(state_steps[i], state_steps[i] + 1)
 
 
@@ -90,7 +114,9 @@ def adam_step_triton(*args) -> None:
 def adam_step(
     params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
     max_exp_avg_sqs: list[Tensor], state_steps: list[Tensor], master_params: list[Tensor | None] | None = None,
-    compensations: list[Tensor | None] | None = None, *, lr: float | Tensor, beta1: float, beta2: float, eps: float,
+    compensations: list[Tensor | None] | None = None, *, exp_avg_absmaxes: list[Tensor | None] | None = None,
+    exp_avg_sq_absmaxes: list[Tensor | None] | None = None, max_exp_avg_sq_absmaxes: list[Tensor | None] | None = None,
+    rng_seeds: list[int] | None = None, lr: float | Tensor, beta1: float, beta2: float, eps: float,
     weight_decay: float, amsgrad: bool = False, maximize: bool = False, decoupled_weight_decay: bool = False,
     grad_mult: Tensor | None = None, found_inf: Tensor | None = None, backend: str | None = None,
 ) -> None:
@@ -101,19 +127,26 @@ def adam_step(
     fp32/bf16/fp16 parameters any of fp32/bf16/fp16. `state_steps` are one-element float tensors,
     incremented unless the step is skipped. `master_params` / `compensations` hold, per parameter,
     its fp32 master weight / compensation buffer or None (all or none within a dtype). A tensor `lr`
-    is read by the kernels (no host sync). See the module docstring for the math.
+    is read by the kernels (no host sync). int8-coded moments come with their absmax lists (None
+    for a parameter whose moments are not codes); tensors with coded, bf16 and fp32 moments may be
+    mixed (one launch each). `rng_seeds`: one seed per parameter for stochastic rounding, or None.
+    See the module docstring for the math.
     """
     lists = {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
              "max_exp_avg_sqs": max_exp_avg_sqs, "master_params": master_params or [],
-             "compensations": compensations or [], "state_steps": state_steps}
-    for (device, *_), bucket in group_by_device_and_dtype(lists).items():
-        for name in ("master_params", "compensations"):
+             "compensations": compensations or [], "state_steps": state_steps,
+             "exp_avg_absmaxes": exp_avg_absmaxes or [], "exp_avg_sq_absmaxes": exp_avg_sq_absmaxes or [],
+             "max_exp_avg_sq_absmaxes": max_exp_avg_sq_absmaxes or [], "rng_seeds": rng_seeds or []}
+    for (device, *_), bucket in group_by_device_and_dtype(lists, ("params", "grads", "exp_avgs")).items():
+        for name in ("master_params", "compensations", *_ABSMAXES):
             bucket[name] = present_or_empty(bucket[name], name)
-        steps = bucket.pop("state_steps")
+        steps, seeds = bucket.pop("state_steps"), bucket.pop("rng_seeds")
+        absmaxes = [bucket.pop(name) for name in _ABSMAXES]  # per block, not laid out like the parameter
+        check_quantized_layouts("adam_step", bucket, ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"))
         dense, write_back = make_dense(bucket, _MUTATED)
         lr_value, lr_tensor = learning_rate(lr, device)
         ADAM(ADAM.choose(device, backend), dense["params"], dense["grads"], dense["exp_avgs"], dense["exp_avg_sqs"],
-             dense["max_exp_avg_sqs"], steps, dense["master_params"], dense["compensations"], lr_value, beta1, beta2,
-             eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, on_device(grad_mult, device),
-             on_device(found_inf, device), lr_tensor)
+             dense["max_exp_avg_sqs"], steps, dense["master_params"], dense["compensations"], *absmaxes, seeds,
+             lr_value, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay,
+             on_device(grad_mult, device), on_device(found_inf, device), lr_tensor)
         write_back()

@@ -30,7 +30,7 @@ from ..ops._multi_tensor import on_device
 from ..ops._registry import BACKENDS
 from ..ops.grad_stats import grad_stats
 from ..ops.step_control import step_control
-from . import _dtensor
+from . import _dtensor, _state
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 # The device types pyeff has fused (compiled or Triton) kernels for; others get the reference.
@@ -57,6 +57,7 @@ class FusedOptimizer(Optimizer):
     _step_supports_amp_scaling = True
     _supports_sparse_grads = False
     _LISTS: tuple[str, ...] = ()
+    _MOMENTS: tuple[tuple[str, bool], ...] = ()  # (state key, signed) of the moments (NOTE [state formats])
 
     def __init__(self, params, defaults: dict, *, max_grad_norm: float | None, backend: str | None):
         if max_grad_norm is not None and not max_grad_norm > 0:
@@ -68,6 +69,10 @@ class FusedOptimizer(Optimizer):
                                "weights, or compensated summation without them")
         if defaults.get("differentiable") and (defaults.get("master_weights") or defaults.get("kahan_summation")):
             raise RuntimeError("`differentiable` does not support `master_weights` or `kahan_summation`")
+        _state.check_state_args(defaults.get("state_dtype"), defaults.get("stochastic_rounding"),
+                                defaults.get("differentiable"))
+        if defaults.get("stochastic_rounding") and defaults.get("seed") is None:
+            defaults["seed"] = _state.draw_seed()
         self.max_grad_norm = max_grad_norm
         self.backend = backend
         # NOTE [step buffers]: made outside the traced part of a step (in _init_group, which
@@ -101,6 +106,10 @@ class FusedOptimizer(Optimizer):
         for group in self.param_groups:
             group.setdefault("master_weights", False)
             group.setdefault("kahan_summation", False)
+            if "state_dtype" in self.defaults:  # optimizers with compressed state (not SGD)
+                group.setdefault("state_dtype", None)
+                group.setdefault("stochastic_rounding", False)
+                group.setdefault("seed", None)
             for p in group["params"]:
                 p_state = self.state.get(p, {})
                 if "step" in p_state and not torch.is_tensor(p_state["step"]):
@@ -254,23 +263,18 @@ class FusedOptimizer(Optimizer):
 
     # -- checkpoints
     def load_state_dict(self, state_dict) -> None:
-        # torch.optim casts every floating state tensor to its parameter's dtype. Groups with fp32
-        # master weights keep master and moments in fp32, so those are restored after.
-        saved_groups = state_dict["param_groups"]
-        keep = {}
-        for group in saved_groups:
-            if group.get("master_weights"):
-                for idx in group["params"]:
-                    for key, value in state_dict["state"].get(idx, {}).items():
-                        if key != "step" and torch.is_tensor(value) and value.dtype == torch.float32:
-                            keep[(idx, key)] = value
+        # torch.optim casts every floating state tensor to its parameter's dtype and takes the
+        # checkpoint's group settings: moments, absmax and master weights are put back as saved,
+        # then converted to each group's format (NOTE [state formats]).
+        state_dict, finish = _state.loaded(self, state_dict, self._MOMENTS)
         super().load_state_dict(state_dict)
-        if keep:
-            index_to_param = dict(zip((i for g in saved_groups for i in g["params"]),
-                                      (p for g in self.param_groups for p in g["params"])))
-            for (idx, key), value in keep.items():
-                p = index_to_param[idx]
-                self.state[p][key] = value.to(device=p.device, copy=True)
+        finish()
+
+    def torch_state_dict(self) -> dict:
+        """This optimizer's state_dict as torch.optim's optimizer of the same name keeps it, to load
+        and continue from there: fp32 moments (dequantized where compressed), without absmax, fp32
+        master weights, compensation buffers or pyeff's group settings (NOTE [state formats])."""
+        return _state.torch_state_dict(self, self._MOMENTS)
 
 
 def low_precision_mode(group: dict, p: Tensor) -> str:
@@ -289,9 +293,10 @@ def init_low_precision_state(group: dict, p: Tensor, state: dict, moment_keys: t
     if mode == "master":
         if "master_param" not in state:
             state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
-        for k in moment_keys:
-            if k in state and state[k].dtype != torch.float32:
-                state[k] = state[k].float()
+        if group.get("state_dtype") is None:  # torch's layout: fp32 moments next to master weights
+            for k in moment_keys:
+                if k in state and state[k].dtype != torch.float32:
+                    state[k] = state[k].float()
     elif mode == "kahan" and "compensation" not in state:
         state["compensation"] = torch.zeros_like(p, memory_format=torch.preserve_format)
     return mode

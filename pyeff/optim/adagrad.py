@@ -6,7 +6,8 @@ eagerly in the constructor as torch does ('step' a scalar tensor, 'sum' filled w
 ``nn.Embedding(sparse=True)``) are coalesced and only their rows are updated, by the same kernel
 as the dense ones. Keyword-only extras, as for pyeff.optim.Adam: `max_grad_norm` (fused clipping),
 `master_weights` (fp32 master and fp32 'sum' for bf16/fp16 parameters), `kahan_summation`
-(compensated parameter updates for bf16/fp16 parameters without a master copy), `backend`.
+(compensated parameter updates for bf16/fp16 parameters without a master copy), `state_dtype` and
+`stochastic_rounding` (compressed state, NOTE [state formats]), `backend`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ..ops.adagrad import SPARSE_WEIGHT_DECAY, adagrad_step, check_sparse_indices
+from . import _state
 from ._fused import (LOW_PRECISION, FusedOptimizer, append_step_and_low_precision, init_low_precision_state,
                      low_precision_mode)
 
@@ -58,11 +60,20 @@ class Adagrad(FusedOptimizer):
             update's rounding error in ``state['compensation']``, so that the small late updates of
             Adagrad (its step size shrinks as 'sum' grows) are not rounded away. 'sum' stays in the
             parameter's dtype, as torch keeps it.
+        state_dtype (None, torch.float32, torch.bfloat16 or "int8"): how 'sum' is stored; None keeps
+            torch.optim's layout; "int8" stores block-quantized uint8 codes with
+            ``state['sum_absmax']`` for parameters of at least 4096 elements (dense gradients only).
+        stochastic_rounding (bool): round a bf16 'sum', int8 codes and bf16 parameters without
+            master weights stochastically, from counter-based random bits of `seed` (drawn from
+            torch's generator when None). A bf16 'sum' rounded to nearest stops growing once an
+            update falls below half its last place; stochastic rounding keeps its expectation.
         backend (str, optional): force an op backend ('cpu', 'reference', ...); see pyeff.ops.
     """
 
     _supports_sparse_grads = True
-    _LISTS = ("params", "grads", "state_sums", "state_steps", "master_params", "compensations")
+    _LISTS = ("params", "grads", "state_sums", "state_steps", "master_params", "compensations", "state_sum_absmaxes",
+              "rng_seeds")
+    _MOMENTS = (("sum", False),)
 
     def __init__(
         self,
@@ -80,6 +91,9 @@ class Adagrad(FusedOptimizer):
         max_grad_norm: float | None = None,
         master_weights: bool = False,
         kahan_summation: bool = False,
+        state_dtype: torch.dtype | str | None = None,
+        stochastic_rounding: bool = False,
+        seed: int | None = None,
         backend: str | None = None,
     ) -> None:
         _check_hyperparameters(lr, lr_decay, weight_decay, initial_accumulator_value, eps)
@@ -95,6 +109,9 @@ class Adagrad(FusedOptimizer):
             "fused": fused,
             "master_weights": master_weights,
             "kahan_summation": kahan_summation,
+            "state_dtype": state_dtype,
+            "stochastic_rounding": stochastic_rounding,
+            "seed": seed,
         }
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, backend=backend)
         # Like torch.optim.Adagrad, state exists from the start (with the constructor's
@@ -120,10 +137,8 @@ class Adagrad(FusedOptimizer):
     def _init_state(self, group: dict, p: Tensor, initial_accumulator_value: float) -> None:
         state = self.state[p]
         state["step"] = torch.zeros((), dtype=_step_dtype(group["fused"]), device=p.device)
-        init_value = (complex(initial_accumulator_value, initial_accumulator_value) if torch.is_complex(p)
-                      else initial_accumulator_value)
-        sum_dtype = torch.float32 if low_precision_mode(group, p) == "master" else p.dtype
-        state["sum"] = torch.full_like(p, init_value, dtype=sum_dtype, memory_format=torch.preserve_format)
+        fmt = _state.moment_format(group, p, low_precision_mode(group, p) == "master")
+        _state.new_moment(state, "sum", False, p, fmt, fill=initial_accumulator_value)
         if p.dtype in LOW_PRECISION:
             init_low_precision_state(group, p, state, ("sum",))
 
@@ -132,6 +147,7 @@ class Adagrad(FusedOptimizer):
                                group.get("initial_accumulator_value", 0), group["eps"])
         if group["differentiable"] and (group["master_weights"] or group["kahan_summation"]):
             raise RuntimeError("`differentiable` does not support `master_weights` or `kahan_summation`")
+        _state.check_group(group)
 
     def _check_inputs(self):
         super()._check_inputs()
@@ -141,12 +157,16 @@ class Adagrad(FusedOptimizer):
                     continue
                 if group["weight_decay"] != 0:
                     raise RuntimeError(SPARSE_WEIGHT_DECAY)
+                if self.state[p].get("sum") is not None and self.state[p]["sum"].dtype == torch.uint8:
+                    raise RuntimeError("Adagrad: int8 block codes of 'sum' (`state_dtype='int8'`) take dense gradients "
+                                       "only; use state_dtype=torch.bfloat16 (with stochastic_rounding) for sparse ones")
                 if torch.is_complex(p) and not group["differentiable"]:
                     raise RuntimeError("Adagrad: sparse gradients of complex parameters are not supported by the "
                                        "fused step; use torch.optim.Adagrad for them")
                 check_sparse_indices(p.grad, "Adagrad")
 
-    def _init_group(self, group, params, grads, state_sums, state_steps, master_params, compensations):
+    def _init_group(self, group, params, grads, state_sums, state_steps, master_params, compensations,
+                    state_sum_absmaxes, rng_seeds):
         has_complex = False
         for p in group["params"]:
             grad = p.grad
@@ -162,13 +182,16 @@ class Adagrad(FusedOptimizer):
             grads.append(grad.coalesce() if grad.is_sparse else grad)
             state_sums.append(state["sum"])
             append_step_and_low_precision(state, p, mode, state_steps, master_params, compensations)
+            state_sum_absmaxes.append(state.get("sum_absmax"))
+        rng_seeds += _state.rng_seeds(self, group, params)
         self._init_buffers(params)
         return has_complex
 
     def _fused_update(self, group, lists, grad_mult, found_inf):
         adagrad_step(
             lists["params"], lists["grads"], lists["state_sums"], lists["state_steps"], lists["master_params"],
-            lists["compensations"], lr=group["lr"], lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
+            lists["compensations"], state_sum_absmaxes=lists["state_sum_absmaxes"], rng_seeds=lists["rng_seeds"],
+            lr=group["lr"], lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
             eps=group["eps"], maximize=group["maximize"], grad_mult=grad_mult, found_inf=found_inf,
             backend=self.backend)
 

@@ -3,7 +3,8 @@
 Same constructor (arguments, defaults, validation errors), same state_dict layout ('step' a float32
 scalar tensor, 'exp_avg', 'exp_avg_sq', 'max_exp_avg_sq' with amsgrad), so checkpoints move both
 ways. Keyword-only extras: `max_grad_norm` (fused clipping), `master_weights` and
-`kahan_summation` (bf16/fp16 parameters), `backend`. AdamW is Adam with decoupled weight decay.
+`kahan_summation` (bf16/fp16 parameters), `state_dtype` and `stochastic_rounding` (compressed
+state, NOTE [state formats]), `backend`. AdamW is Adam with decoupled weight decay.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import torch
 from torch import Tensor
 
 from ..ops.adam import adam_step
+from . import _state
 from ._fused import (LOW_PRECISION, FusedOptimizer, append_step_and_low_precision, init_low_precision_state,
                      low_precision_mode)
 
-_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+_MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
 def _check_hyperparameters(lr, betas, eps, weight_decay) -> None:
@@ -43,11 +45,19 @@ class Adam(FusedOptimizer):
             and fp32 moments; the parameter becomes the master rounded to nearest even.
         kahan_summation (bool): for bf16/fp16 parameters without master weights, carry each
             update's rounding error in ``state['compensation']`` so small updates are not lost.
+        state_dtype (None, torch.float32, torch.bfloat16 or "int8"): how the moments are stored;
+            None keeps torch.optim's layout; "int8" stores block-quantized codes
+            (``state['exp_avg']`` int8, ``state['exp_avg_sq']`` uint8, each with
+            ``state[key + '_absmax']``) for parameters of at least 4096 elements.
+        stochastic_rounding (bool): round bf16 moments, int8 codes and bf16 parameters without
+            master weights stochastically, from counter-based random bits of `seed` (drawn from
+            torch's generator when None).
         backend (str, optional): force an op backend ('cpu', 'reference', ...); see pyeff.ops.
     """
 
     _LISTS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps", "master_params",
-              "compensations")
+              "compensations", "exp_avg_absmaxes", "exp_avg_sq_absmaxes", "max_exp_avg_sq_absmaxes", "rng_seeds")
+    _MOMENTS = (("exp_avg", True), ("exp_avg_sq", False), ("max_exp_avg_sq", False))
 
     def __init__(
         self,
@@ -67,6 +77,9 @@ class Adam(FusedOptimizer):
         max_grad_norm: float | None = None,
         master_weights: bool = False,
         kahan_summation: bool = False,
+        state_dtype: torch.dtype | str | None = None,
+        stochastic_rounding: bool = False,
+        seed: int | None = None,
         backend: str | None = None,
     ) -> None:
         if isinstance(lr, Tensor):
@@ -100,6 +113,9 @@ class Adam(FusedOptimizer):
             "decoupled_weight_decay": decoupled_weight_decay,
             "master_weights": master_weights,
             "kahan_summation": kahan_summation,
+            "state_dtype": state_dtype,
+            "stochastic_rounding": stochastic_rounding,
+            "seed": seed,
         }
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, backend=backend)
 
@@ -118,23 +134,25 @@ class Adam(FusedOptimizer):
         _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
         if group["differentiable"] and (group["master_weights"] or group["kahan_summation"]):
             raise RuntimeError("`differentiable` does not support `master_weights` or `kahan_summation`")
+        _state.check_group(group)
 
     def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, master_params,
-                    compensations):
+                    compensations, exp_avg_absmaxes, exp_avg_sq_absmaxes, max_exp_avg_sq_absmaxes, rng_seeds):
         has_complex = False
         for p in group["params"]:
             if p.grad is None:
                 continue
             has_complex |= torch.is_complex(p)
             state = self.state[p]
-            if not state:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                moment_dtype = torch.float32 if low_precision_mode(group, p) == "master" else p.dtype
-                state["exp_avg"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
-            if group["amsgrad"] and "max_exp_avg_sq" not in state:
-                state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"], memory_format=torch.preserve_format)
-            mode = init_low_precision_state(group, p, state, _MOMENTS) if p.dtype in LOW_PRECISION else "plain"
+            if not state or (group["amsgrad"] and "max_exp_avg_sq" not in state):
+                fmt = _state.moment_format(group, p, low_precision_mode(group, p) == "master")
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    _state.new_moment(state, "exp_avg", True, p, fmt)
+                    _state.new_moment(state, "exp_avg_sq", False, p, fmt)
+                if group["amsgrad"] and "max_exp_avg_sq" not in state:
+                    _state.new_moment(state, "max_exp_avg_sq", False, p, fmt)
+            mode = init_low_precision_state(group, p, state, _MOMENT_KEYS) if p.dtype in LOW_PRECISION else "plain"
             if group["differentiable"] and state["step"].requires_grad:
                 raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")
             params.append(p)
@@ -143,7 +161,11 @@ class Adam(FusedOptimizer):
             exp_avg_sqs.append(state["exp_avg_sq"])
             if group["amsgrad"]:
                 max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+                max_exp_avg_sq_absmaxes.append(state.get("max_exp_avg_sq_absmax"))
             append_step_and_low_precision(state, p, mode, state_steps, master_params, compensations)
+            exp_avg_absmaxes.append(state.get("exp_avg_absmax"))
+            exp_avg_sq_absmaxes.append(state.get("exp_avg_sq_absmax"))
+        rng_seeds += _state.rng_seeds(self, group, params)
         self._init_buffers(params)
         return has_complex
 
@@ -151,7 +173,10 @@ class Adam(FusedOptimizer):
         beta1, beta2 = (b.item() if isinstance(b, Tensor) else b for b in group["betas"])
         adam_step(
             lists["params"], lists["grads"], lists["exp_avgs"], lists["exp_avg_sqs"], lists["max_exp_avg_sqs"],
-            lists["state_steps"], lists["master_params"], lists["compensations"], lr=group["lr"], beta1=beta1,
+            lists["state_steps"], lists["master_params"], lists["compensations"],
+            exp_avg_absmaxes=lists["exp_avg_absmaxes"], exp_avg_sq_absmaxes=lists["exp_avg_sq_absmaxes"],
+            max_exp_avg_sq_absmaxes=lists["max_exp_avg_sq_absmaxes"], rng_seeds=lists["rng_seeds"],
+            lr=group["lr"], beta1=beta1,
             beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
             maximize=group["maximize"], decoupled_weight_decay=group["decoupled_weight_decay"], grad_mult=grad_mult,
             found_inf=found_inf, backend=self.backend)
@@ -188,12 +213,16 @@ class AdamW(Adam):
         max_grad_norm: float | None = None,
         master_weights: bool = False,
         kahan_summation: bool = False,
+        state_dtype: torch.dtype | str | None = None,
+        stochastic_rounding: bool = False,
+        seed: int | None = None,
         backend: str | None = None,
     ) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
                          capturable=capturable, differentiable=differentiable, fused=fused,
                          decoupled_weight_decay=True, max_grad_norm=max_grad_norm, master_weights=master_weights,
-                         kahan_summation=kahan_summation, backend=backend)
+                         kahan_summation=kahan_summation, state_dtype=state_dtype,
+                         stochastic_rounding=stochastic_rounding, seed=seed, backend=backend)
 
     def __setstate__(self, state):
         super().__setstate__(state)

@@ -51,6 +51,7 @@ class SGD(FusedOptimizer):
 
     _supports_sparse_grads = True  # checked per group in _check_inputs: torch's own step takes them
     _LISTS = ("params", "grads", "momentum_buffers", "is_first_step", "master_params", "compensations")
+    _MOMENTS = (("momentum_buffer", True),)  # checkpoints: kept in fp32 beside master weights
 
     def __init__(
         self,

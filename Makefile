@@ -8,6 +8,9 @@ PINS ?= torch==2.13.0 triton==3.8.0
 # The trainers and loggers the examples and tests/test_trainers.py use; none of them makes pip
 # resolve another torch beside the pinned one (checked: `pip install --dry-run $(PINS) $(TOOLS)`).
 TOOLS ?= "setuptools>=77" ninja numpy pytest hypothesis expecttest matplotlib tensorboard tqdm transformers accelerate pytorch-lightning
+# Peers `pyeff bench optim_state` measures against (8-bit AdamW); --no-deps, as they would only
+# ask for the torch already pinned. Optional: a benchmark skips a peer that is missing.
+PEERS ?= torchao bitsandbytes
 export MAX_JOBS ?= 2
 
 .PHONY: setup build bench bench-full test cuda-build-check clean
@@ -16,6 +19,7 @@ $(VENV)/.deps: Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(PINS) $(TOOLS)
+	$(BIN)/python -m pip install -q --no-deps $(PEERS) || echo "benchmark peers not installed: $(PEERS)"
 	touch $@
 
 setup: $(VENV)/.deps

@@ -222,7 +222,8 @@ def adagrad_step(
     for (device, *_), bucket in group_by_device_and_dtype(lists, ("params", "grads", "state_sums")).items():
         for name in ("master_params", "compensations", "state_sum_absmaxes"):
             bucket[name] = present_or_empty(bucket[name], name)
-        check_quantized_layouts("adagrad_step", bucket, ("state_sums",))
+        if bucket["state_sum_absmaxes"]:  # codes come with their absmax (the op checks)
+            check_quantized_layouts("adagrad_step", bucket, ("state_sums",))
         dense, write_back = _with_kernel_layouts(bucket, carried=("state_steps", "state_sum_absmaxes", "rng_seeds"))
         lr_value, lr_tensor = learning_rate(lr, device)
         ADAGRAD(ADAGRAD.choose(device, backend), dense["params"], dense["grads"], dense["state_sums"],

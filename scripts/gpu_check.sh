@@ -85,7 +85,7 @@ if [ "$PHASE" != bench ]; then
   step tests-gpu env TRITON_INTERPRET=0 $PY -m pytest -q -m gpu tests/
 fi
 if [ "$PHASE" != test ]; then
-  step bench-optim env TRITON_INTERPRET=0 $PY -m pyeff bench optim_gpu ${BENCH_ARGS:-} --out "$OUT/bench"
+  step bench-optim env TRITON_INTERPRET=0 $PY -m pyeff bench optim_gpu optim_state ${BENCH_ARGS:-} --out "$OUT/bench"
   step bench-layers env TRITON_INTERPRET=0 $PY -m pyeff bench gpu_layers gpu_pool ${BENCH_ARGS:-} --out "$OUT/bench"
 fi
 echo "== total $((SECONDS - T0)) s"

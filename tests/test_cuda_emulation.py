@@ -67,6 +67,21 @@ def test_adam_matches_the_cpu_kernel_bitwise(emulated, dtype, grad_dtype, mode, 
     assert [s.item() for s in got["state_steps"]] == [s.item() + 1 for s in inputs["state_steps"]]
 
 
+STATE_CASES = [("int8", False), ("int8", True), (torch.bfloat16, False), (torch.bfloat16, True)]
+STATE_IDS = [f"{s}{'-sr' if r else ''}".replace("torch.", "") for s, r in STATE_CASES]
+
+
+@pytest.mark.parametrize("state,sr", STATE_CASES, ids=STATE_IDS)
+@pytest.mark.parametrize("dtype,mode", [(torch.float32, "plain"), (torch.bfloat16, "plain"), (torch.bfloat16, "master")],
+                         ids=["fp32", "bf16", "bf16-master"])
+def test_adam_with_compressed_state_matches_the_cpu_kernel_bitwise(emulated, dtype, mode, state, sr):
+    inputs = adam_inputs(SIZES, dtype, dtype, mode, True, state=state, sr=sr)
+    got, cpu = clone(inputs), clone(inputs)
+    _run_emulated_adam(emulated, got, ADAM_HP[0], grad_mult=torch.tensor([0.37]))
+    adam_step(**cpu, **ADAM_HP[0], grad_mult=torch.tensor(0.37), backend="cpu")
+    assert_equal(got, cpu, "emulated cuda vs cpu")
+
+
 @pytest.mark.parametrize("lr_dtype", [torch.float32, torch.float64])
 def test_adam_reads_a_tensor_lr(emulated, lr_dtype):
     hp = ADAM_HP[0]
@@ -112,6 +127,15 @@ def test_adagrad_matches_the_cpu_kernel_bitwise(emulated, dtype, mode, sparse):
     got, cpu = clone(inputs), clone(inputs)
     _run_emulated_adagrad(emulated, got, hp, grad_mult=torch.tensor([0.25]))
     adagrad_step(**cpu, **hp, grad_mult=torch.tensor(0.25), backend="cpu")
+    assert_equal(got, cpu, "emulated cuda vs cpu")
+
+
+@pytest.mark.parametrize("state,sr", STATE_CASES, ids=STATE_IDS)
+def test_adagrad_with_compressed_state_matches_the_cpu_kernel_bitwise(emulated, state, sr):
+    inputs = adagrad_inputs(torch.bfloat16, "plain", state=state, sr=sr)
+    got, cpu = clone(inputs), clone(inputs)
+    _run_emulated_adagrad(emulated, got, ADAGRAD_HP, grad_mult=torch.tensor([0.25]))
+    adagrad_step(**cpu, **ADAGRAD_HP, grad_mult=torch.tensor(0.25), backend="cpu")
     assert_equal(got, cpu, "emulated cuda vs cpu")
 
 

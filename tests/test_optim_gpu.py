@@ -94,6 +94,28 @@ def test_adagrad_matches_the_cpu_kernel(backend, sparse):
     assert_equal(_on(got, "cpu"), cpu, f"{backend} vs cpu")
 
 
+STATE_CASES = [("int8", False), ("int8", True), (torch.bfloat16, True)]
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("state,sr", STATE_CASES, ids=["int8", "int8-sr", "bf16-sr"])
+@pytest.mark.parametrize("dtype,mode", [(torch.float32, "plain"), (torch.bfloat16, "plain"), (torch.bfloat16, "master")],
+                         ids=["fp32", "bf16", "bf16-master"])
+def test_compressed_state_matches_the_cpu_kernel(backend, dtype, mode, state, sr):
+    _usable(backend)
+    hp = ADAM_HP[0]
+    inputs = adam_inputs(SIZES + [200_003], dtype, dtype, mode, hp["amsgrad"], state=state, sr=sr)
+    cpu, got = clone(inputs), _on(inputs, "cuda")
+    adam_step(**cpu, **hp, grad_mult=torch.tensor(0.37), backend="cpu")
+    adam_step(**got, **hp, grad_mult=torch.tensor(0.37, device="cuda"), backend=backend)
+    assert_equal(_on(got, "cpu"), cpu, f"{backend} vs cpu")
+    inputs = adagrad_inputs(torch.bfloat16, "plain", state=state, sr=sr)
+    cpu, got = clone(inputs), _on(inputs, "cuda")
+    adagrad_step(**cpu, **ADAGRAD_HP, backend="cpu")
+    adagrad_step(**got, **ADAGRAD_HP, backend=backend)
+    assert_equal(_on(got, "cpu"), cpu, f"{backend} vs cpu")
+
+
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_found_inf_leaves_everything_bitwise(backend):
     _usable(backend)

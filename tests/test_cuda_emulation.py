@@ -82,39 +82,10 @@ def test_adam_with_compressed_state_matches_the_cpu_kernel_bitwise(emulated, dty
     assert_equal(got, cpu, "emulated cuda vs cpu")
 
 
-@pytest.mark.parametrize("lr_dtype", [torch.float32, torch.float64])
-def test_adam_reads_a_tensor_lr(emulated, lr_dtype):
-    hp = ADAM_HP[0]
-    inputs = adam_inputs(SIZES[:6], torch.float32, torch.float32, "plain", True)
-    got, want = clone(inputs), clone(inputs)
-    lr = torch.tensor(0.02, dtype=lr_dtype)
-    _run_emulated_adam(emulated, got, {**hp, "lr": 123.0}, lr_tensor=lr)  # the float is ignored
-    adam_step(**want, **{**hp, "lr": lr}, backend="cpu")
-    assert_equal(got, want, "tensor lr")
-
-
-def test_adam_found_inf_leaves_everything_bitwise(emulated):
-    inputs = adam_inputs(SIZES, torch.bfloat16, torch.bfloat16, "kahan", True)
-    got = clone(inputs)
-    _run_emulated_adam(emulated, got, ADAM_HP[0], grad_mult=torch.tensor([0.5]), found_inf=torch.tensor([1.0]))
-    assert_equal(got, inputs, "skipped step")
-
-
-def test_adam_rejects_bad_input_before_writing(emulated):
-    inputs = adam_inputs([5, 9], torch.float32, torch.float32, "plain", True)
-    inputs["exp_avgs"][1] = inputs["exp_avgs"][1].double()
-    snap = clone(inputs)
-    with pytest.raises(RuntimeError, match=r"expected exp_avgs\[1\] to be Float, got Double"):
-        _run_emulated_adam(emulated, inputs, ADAM_HP[0])
-    assert_equal(inputs, snap, "bad input")
-
-
-# ---------------------------------------------------------------- adagrad, dense and sparse
 def _run_emulated_adagrad(ops, x, hp, grad_mult=None, found_inf=None):
     with torch.no_grad():
         ops.adagrad_step(*[x[k] for k in ADAGRAD_LISTS], hp["lr"], hp["lr_decay"], hp["weight_decay"], hp["eps"],
                          hp["maximize"], grad_mult, found_inf, None)
-
 
 
 @pytest.mark.parametrize("dtype,mode", [(torch.float32, "plain"), (torch.float64, "plain"), (torch.bfloat16, "plain"),
@@ -179,34 +150,50 @@ def test_sgd_matches_the_cpu_kernel_bitwise(emulated, dtype, grad_dtype, mode, h
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2 if dtype.itemsize == 2 else 1e-5, atol=1e-2)
 
 
+# What the ops with a tensor lr (Adam, SGD) share: (run emulated, inputs, hyper-parameters, op, a
+# state list that a bad dtype in makes the op refuse).
+TENSOR_LR_OPS = {
+    "adam": (_run_emulated_adam, lambda sizes, mode: adam_inputs(sizes, *_dtypes(mode), mode, True),
+             ADAM_HP[0], adam_step, "exp_avgs"),
+    "sgd": (_run_emulated_sgd, lambda sizes, mode: sgd_inputs(sizes, *_dtypes(mode), mode, True),
+            SGD_HP[0], sgd_step, "momentum_buffers"),
+}
+
+
+def _dtypes(mode):
+    return (torch.float32, torch.float32) if mode == "plain" else (torch.bfloat16, torch.bfloat16)
+
+
+@pytest.mark.parametrize("op", TENSOR_LR_OPS)
 @pytest.mark.parametrize("lr_dtype", [torch.float32, torch.float64])
-def test_sgd_reads_a_tensor_lr(emulated, lr_dtype):
-    hp = SGD_HP[0]
-    inputs = sgd_inputs(SIZES[:6], torch.float32, torch.float32, "plain", True)
+def test_a_tensor_lr_is_read(emulated, op, lr_dtype):
+    run, make, hp, step, _ = TENSOR_LR_OPS[op]
+    inputs = make(SIZES[:6], "plain")
     got, want = clone(inputs), clone(inputs)
     lr = torch.tensor(0.02, dtype=lr_dtype)
-    _run_emulated_sgd(emulated, got, {**hp, "lr": 123.0}, lr_tensor=lr)  # the float is ignored
-    sgd_step(**want, **{**hp, "lr": lr}, backend="cpu")
+    run(emulated, got, {**hp, "lr": 123.0}, lr_tensor=lr)  # the float is ignored
+    step(**want, **{**hp, "lr": lr}, backend="cpu")
     assert_equal(got, want, "tensor lr")
 
 
-def test_sgd_found_inf_leaves_everything_bitwise(emulated):
-    inputs = sgd_inputs(SIZES, torch.bfloat16, torch.bfloat16, "kahan", True)
+@pytest.mark.parametrize("op", TENSOR_LR_OPS)
+def test_found_inf_leaves_everything_bitwise(emulated, op):
+    run, make, hp, _, _ = TENSOR_LR_OPS[op]
+    inputs = make(SIZES, "kahan")
     got = clone(inputs)
-    _run_emulated_sgd(emulated, got, SGD_HP[0], grad_mult=torch.tensor([0.5]), found_inf=torch.tensor([1.0]))
+    run(emulated, got, hp, grad_mult=torch.tensor([0.5]), found_inf=torch.tensor([1.0]))
     assert_equal(got, inputs, "skipped step")
 
 
-def test_sgd_rejects_bad_input_before_writing(emulated):
-    inputs = sgd_inputs([5, 9], torch.float32, torch.float32, "plain", True)
-    inputs["momentum_buffers"][1] = inputs["momentum_buffers"][1].double()
+@pytest.mark.parametrize("op", TENSOR_LR_OPS)
+def test_bad_input_is_rejected_before_writing(emulated, op):
+    run, make, hp, _, state = TENSOR_LR_OPS[op]
+    inputs = make([5, 9], "plain")
+    inputs[state][1] = inputs[state][1].double()
     snap = clone(inputs)
-    with pytest.raises(RuntimeError, match=r"expected momentum_buffers\[1\] to be Float, got Double"):
-        _run_emulated_sgd(emulated, inputs, SGD_HP[0])
+    with pytest.raises(RuntimeError, match=rf"expected {state}\[1\] to be Float, got Double"):
+        run(emulated, inputs, hp)
     assert_equal(inputs, snap, "bad input")
-
-
-# ---------------------------------------------------------------- grad_stats, step_control
 
 
 def test_grad_stats_matches_the_reference_and_is_deterministic(emulated, monkeypatch):

@@ -291,7 +291,7 @@ def model_like_sizes(total: int = 30_000_000, count: int = 200, seed: int = 0) -
 
 def ensure_passive_wait() -> None:
     """Re-exec with OMP_WAIT_POLICY=PASSIVE unless the caller chose a policy: spinning OpenMP threads
-    on a shared 2-core machine slow down 2-50x whenever anything else runs (BUILD-NOTES.md)."""
+    on a shared 2-core machine slow down 2-50x whenever anything else runs (measured)."""
     if "OMP_WAIT_POLICY" not in os.environ:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
         os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])

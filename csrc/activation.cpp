@@ -15,16 +15,11 @@
 namespace pyeff {
 namespace {
 
-bool is_float_dtype(c10::ScalarType dt) {
-  return dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf;
-}
-
 // A contiguous 2-D CPU floating tensor.
 void check_rows(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.device().is_cpu(), op, ": expected ", name, " on the CPU, got ", t.device());
   TORCH_CHECK(t.dim() == 2, op, ": expected ", name, " to be 2-D (rows, features), got shape ", t.sizes());
-  TORCH_CHECK(is_float_dtype(t.scalar_type()), op, ": expected ", name,
-              " to be float32, float64, bfloat16 or float16, got ", t.scalar_type());
+  check_floating(op, t.scalar_type(), name);
   TORCH_CHECK(t.is_contiguous(), op, ": expected ", name, " to be contiguous, got strides ", t.strides());
 }
 
@@ -51,9 +46,7 @@ c10::ScalarType check_bias(const char* op, const at::Tensor& x, const std::optio
   TORCH_CHECK(b.device().is_cpu(), op, ": expected bias on the CPU, got ", b.device());
   TORCH_CHECK(b.dim() == 1 && b.size(0) == x.size(1), op, ": expected bias of shape [", x.size(1),
               "] (the input's last dimension), got ", b.sizes());
-  const bool low = dt == at::kBFloat16 || dt == at::kHalf;
-  TORCH_CHECK(b.scalar_type() == dt || (low && b.scalar_type() == at::kFloat), op, ": expected bias to be ", dt,
-              low ? " or float32" : "", " like the input, got ", b.scalar_type());
+  check_param_dtype(op, "bias", b.scalar_type(), dt);
   TORCH_CHECK(b.is_contiguous(), op, ": expected bias to be contiguous");
   return b.scalar_type();
 }

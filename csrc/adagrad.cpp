@@ -22,11 +22,26 @@ struct SparseRows {
   int64_t row_numel = 0;
 };
 
-// Checks the indices (csrc/adagrad.h checked the rest), coalesces, and lays out the rows.
-SparseRows sparse_rows(size_t i, const at::Tensor& grad, const at::Tensor& param) {
-  // Indices first (coalescing an index outside the shape is undefined), then coalesce: the update is
-  // non-linear, so repeated indices must be summed first, as torch.optim.Adagrad does.
-  check_sparse_indices_on_host(kOp, i, grad, param);
+// The op's checks (csrc/adagrad.h) and, for CPU tensors, the indices of the sparse gradients, read on
+// the host: the two CPU entry points (the kernel, and the checks before a Triton launch) share them.
+OptimizerInputs check_on_host(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
+                              at::TensorList state_steps, at::TensorList master_params, at::TensorList compensations,
+                              at::TensorList state_sum_absmaxes, at::IntArrayRef rng_seeds, double weight_decay,
+                              const std::optional<at::Tensor>& grad_mult, const std::optional<at::Tensor>& found_inf,
+                              const std::optional<at::Tensor>& lr_tensor) {
+  const OptimizerInputs in =
+      check_adagrad_step(kOp, params, grads, state_sums, state_steps, master_params, compensations,
+                         state_sum_absmaxes, rng_seeds, weight_decay, grad_mult, found_inf, lr_tensor);
+  for (size_t i = 0; i < grads.size(); ++i) {
+    if (grads[i].is_sparse() && grads[i].device().is_cpu()) check_sparse_indices_on_host(kOp, i, grads[i], params[i]);
+  }
+  return in;
+}
+
+// Coalesces (indices already checked: coalescing one outside the shape is undefined) and lays out
+// the rows. The update is non-linear, so repeated indices are summed first, as torch.optim.Adagrad
+// does.
+SparseRows sparse_rows(const at::Tensor& grad, const at::Tensor& param) {
   const int64_t sparse_dim = grad.sparse_dim();
   const at::Tensor g = grad.is_coalesced() ? grad : grad.coalesce();
   SparseRows out;
@@ -48,15 +63,15 @@ void adagrad_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
                       at::TensorList state_sum_absmaxes, at::IntArrayRef rng_seeds, double lr, double lr_decay,
                       double weight_decay, double eps, bool maximize, const std::optional<at::Tensor>& grad_mult,
                       const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& lr_tensor) {
-  const OptimizerInputs in =
-      check_adagrad_step(kOp, params, grads, state_sums, state_steps, master_params, compensations,
-                         state_sum_absmaxes, rng_seeds, weight_decay, grad_mult, found_inf, lr_tensor);
+  const OptimizerInputs in = check_on_host(params, grads, state_sums, state_steps, master_params, compensations,
+                                           state_sum_absmaxes, rng_seeds, weight_decay, grad_mult, found_inf,
+                                           lr_tensor);
   const size_t n = params.size();
   if (n == 0) return;
   TORCH_CHECK(params[0].device().is_cpu(), kOp, ": the cpu backend takes CPU tensors, got ", params[0].device());
   std::vector<SparseRows> sparse(n);
   for (size_t i = 0; i < n; ++i) {
-    if (grads[i].is_sparse()) sparse[i] = sparse_rows(i, grads[i], params[i]);
+    if (grads[i].is_sparse()) sparse[i] = sparse_rows(grads[i], params[i]);
   }
   const GradScaling scaling = grad_scaling(kOp, grad_mult, found_inf);
   if (scaling.skip) return;  // NOTE [overflow skip] (checks.h)
@@ -108,11 +123,8 @@ void adagrad_step_check(at::TensorList params, at::TensorList grads, at::TensorL
                         at::TensorList state_sum_absmaxes, at::IntArrayRef rng_seeds, double, double,
                         double weight_decay, double, bool, const std::optional<at::Tensor>& grad_mult,
                         const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& lr_tensor) {
-  check_adagrad_step(kOp, params, grads, state_sums, state_steps, master_params, compensations, state_sum_absmaxes,
-                     rng_seeds, weight_decay, grad_mult, found_inf, lr_tensor);
-  for (size_t i = 0; i < grads.size(); ++i) {
-    if (grads[i].is_sparse() && grads[i].device().is_cpu()) check_sparse_indices_on_host(kOp, i, grads[i], params[i]);
-  }
+  check_on_host(params, grads, state_sums, state_steps, master_params, compensations, state_sum_absmaxes, rng_seeds,
+                weight_decay, grad_mult, found_inf, lr_tensor);
 }
 
 }  // namespace

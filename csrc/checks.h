@@ -14,6 +14,27 @@
 
 namespace pyeff {
 
+// The floating dtypes the kernels take; the low precisions among them compute in fp32 (opmath),
+// fp64 in fp64.
+inline bool is_floating(c10::ScalarType dt) {
+  return dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf;
+}
+inline bool is_low_precision(c10::ScalarType dt) { return dt == at::kBFloat16 || dt == at::kHalf; }
+inline c10::ScalarType opmath_type(c10::ScalarType dt) { return dt == at::kDouble ? at::kDouble : at::kFloat; }
+
+// `name...` (the tensor's name, pieces joined) has one of the dtypes of is_floating.
+template <typename... Name>
+inline void check_floating(const char* op, c10::ScalarType dt, const Name&... name) {
+  TORCH_CHECK(is_floating(dt), op, ": expected ", name..., " to be float32, float64, bfloat16 or float16, got ", dt);
+}
+
+// A per-column parameter of a row-wise op (a bias, a norm's weight): the input's dtype, or float32
+// for bfloat16/float16 input.
+inline void check_param_dtype(const char* op, const char* name, c10::ScalarType dt, c10::ScalarType input) {
+  const bool low = is_low_precision(input);
+  TORCH_CHECK(dt == input || (low && dt == at::kFloat), op, ": expected ", name, " to be ", input,
+              low ? " or float32" : "", " like the input, got ", dt);
+}
 inline void check_length(const char* op, const char* name, at::TensorList list, size_t expected) {
   TORCH_CHECK(list.size() == expected, op, ": expected ", name, " to hold ", expected,
               " tensors (one per parameter), got ", list.size());
@@ -65,8 +86,7 @@ inline double host_scalar(const char* op, const char* name, const at::Tensor& t)
 // The optimizer ops: floating parameters; gradients of the parameters' dtype or, for fp32/bf16/fp16
 // parameters, any of fp32/bf16/fp16.
 inline void check_optimizer_dtypes(const char* op, c10::ScalarType dtype, c10::ScalarType grad_dtype) {
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
-              op, ": expected floating-point parameters (float32, float64, bfloat16, float16), got ", dtype);
+  TORCH_CHECK(is_floating(dtype), op, ": expected floating-point parameters (float32, float64, bfloat16, float16), got ", dtype);
   const bool reduced = dtype != at::kDouble;
   TORCH_CHECK(grad_dtype == dtype || (reduced && (grad_dtype == at::kFloat || grad_dtype == at::kBFloat16 ||
                                                   grad_dtype == at::kHalf)),

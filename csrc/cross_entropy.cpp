@@ -1,12 +1,9 @@
-// pyeff::cross_entropy_cpu and pyeff::cross_entropy_rows_cpu: input checks and registration of the
-// softmax cross-entropy kernel (csrc/cpu/cross_entropy_kernel.cpp). Contract and reference:
-// pyeff/ops/cross_entropy.py (cross_entropy_cpu) and pyeff/ops/linear_cross_entropy.py, which calls
-// cross_entropy_rows_cpu on one chunk of rows at a time.
+// pyeff::cross_entropy_rows_cpu: input checks and registration of the softmax cross-entropy kernel
+// (csrc/cpu/cross_entropy_kernel.cpp): per-row losses and their gradient times a given scale. The
+// reduction and its total weight are computed once, in pyeff/ops/cross_entropy.py (the contract and
+// reference), for every backend; pyeff/ops/linear_cross_entropy.py calls this op chunk by chunk.
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <torch/library.h>
-
-#include <string_view>
 
 #include "checks.h"
 #include "cpu/cross_entropy_kernel.h"
@@ -14,17 +11,9 @@
 namespace pyeff {
 namespace {
 
-bool is_floating(c10::ScalarType dt) {
-  return dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf;
-}
-
-// fp32 math for the low precisions, fp64 for fp64 (the kernel's Acc).
-c10::ScalarType opmath(c10::ScalarType dt) { return dt == at::kDouble ? at::kDouble : at::kFloat; }
-
 void check_logits_target(const char* op, const at::Tensor& logits, const at::Tensor& target) {
   TORCH_CHECK(logits.device().is_cpu(), op, ": expected logits on the CPU, got ", logits.device());
-  TORCH_CHECK(is_floating(logits.scalar_type()), op,
-              ": expected logits to be float32, float64, bfloat16 or float16, got ", logits.scalar_type());
+  check_floating(op, logits.scalar_type(), "logits");
   TORCH_CHECK(logits.dim() == 2, op, ": expected logits of shape (rows, classes), got ", logits.sizes());
   TORCH_CHECK(logits.size(1) <= 1 || logits.stride(1) == 1, op,
               ": expected logits with contiguous columns (stride 1), got strides ", logits.strides());
@@ -46,7 +35,7 @@ at::Tensor class_weights(const char* op, const std::optional<at::Tensor>& weight
               ",), one per class, got ", w.sizes());
   TORCH_CHECK(w.scalar_type() == logits.scalar_type(), op, ": expected weight to be ", logits.scalar_type(),
               " like logits, got ", w.scalar_type());
-  auto out = w.to(opmath(w.scalar_type())).contiguous();
+  auto out = w.to(opmath_type(w.scalar_type())).contiguous();
   sum = 0;
   if (out.scalar_type() == at::kDouble) {
     for (int64_t c = 0; c < classes; ++c) sum += out.const_data_ptr<double>()[c];
@@ -56,34 +45,23 @@ at::Tensor class_weights(const char* op, const std::optional<at::Tensor>& weight
   return out;
 }
 
-// Checks every target as torch does (IndexError) and returns the total weight of the rows that
-// count: the sum of w[t] (1 without class weights) over rows whose target is not ignore_index.
-double total_weight(const at::Tensor& target, int64_t classes, int64_t ignore_index, const at::Tensor& w) {
+// Every target is a class or ignore_index (IndexError otherwise, as torch): the kernel indexes with
+// them.
+void check_targets(const at::Tensor& target, int64_t classes, int64_t ignore_index) {
   const int64_t* t = target.const_data_ptr<int64_t>();
-  double total = 0;
   for (int64_t r = 0; r < target.numel(); ++r) {
     const int64_t v = t[r];
-    if (v == ignore_index) continue;
-    TORCH_CHECK_INDEX(v >= 0 && v < classes, "Target ", v, " is out of bounds.");
-    if (!w.defined()) {
-      total += 1;
-    } else if (w.scalar_type() == at::kDouble) {
-      total += w.const_data_ptr<double>()[v];
-    } else {
-      total += w.const_data_ptr<float>()[v];
-    }
+    TORCH_CHECK_INDEX(v == ignore_index || (v >= 0 && v < classes), "Target ", v, " is out of bounds.");
   }
-  return total;
 }
 
-// grad: shaped like logits, of logits' dtype (or float32 for bfloat16/float16 logits when
-// `allow_float`), columns contiguous, rows not overlapping; either logits itself (in place) or
-// disjoint from it.
-void check_grad(const char* op, const at::Tensor& g, const at::Tensor& logits, bool allow_float) {
+// grad: shaped like logits, of logits' dtype or float32 (for bfloat16/float16 logits), columns
+// contiguous, rows not overlapping; either logits itself (in place) or disjoint from it.
+void check_grad(const char* op, const at::Tensor& g, const at::Tensor& logits) {
   const auto dt = logits.scalar_type();
   TORCH_CHECK(g.device().is_cpu(), op, ": expected grad on the CPU, got ", g.device());
-  TORCH_CHECK(g.scalar_type() == dt || (allow_float && g.scalar_type() == at::kFloat && dt != at::kDouble), op,
-              ": expected grad to be ", dt, allow_float && dt != at::kDouble ? " or Float" : "", " like logits, got ",
+  TORCH_CHECK(g.scalar_type() == dt || (g.scalar_type() == at::kFloat && dt != at::kDouble), op,
+              ": expected grad to be ", dt, dt != at::kDouble ? " or Float" : "", " like logits, got ",
               g.scalar_type());
   TORCH_CHECK(g.sizes() == logits.sizes(), op, ": expected grad of shape ", logits.sizes(), ", got ", g.sizes());
   const int64_t classes = g.size(1);
@@ -130,49 +108,6 @@ cpu::CrossEntropyArgs make_args(const at::Tensor& logits, const at::Tensor& targ
   return a;
 }
 
-// The whole loss: loss (opmath dtype; shape (rows,) for reduction 'none', else ()) and, when
-// `grad` is given, the gradient of the loss for a unit grad_output.
-void cross_entropy_cpu(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                       int64_t ignore_index, double label_smoothing, std::string_view reduction,
-                       const at::Tensor& loss, const std::optional<at::Tensor>& grad) {
-  constexpr const char* op = "cross_entropy";
-  // ---- checks: nothing is written before all of them pass
-  check_logits_target(op, logits, target);
-  check_label_smoothing(op, label_smoothing);
-  const bool none = reduction == "none", mean = reduction == "mean";
-  TORCH_CHECK(none || mean || reduction == "sum", op, ": expected reduction 'none', 'mean' or 'sum', got '",
-              reduction, "'");
-  const int64_t rows = logits.size(0);
-  const auto acc = opmath(logits.scalar_type());
-  TORCH_CHECK(loss.device().is_cpu() && loss.scalar_type() == acc, op, ": expected loss to be a ", acc,
-              " CPU tensor (the logits' opmath dtype), got ", loss.scalar_type(), " on ", loss.device());
-  TORCH_CHECK(none ? (loss.dim() == 1 && loss.size(0) == rows) : loss.dim() == 0, op, ": expected loss of shape ",
-              none ? "(rows,)" : "()", " for reduction '", reduction, "', got ", loss.sizes());
-  if (grad.has_value()) check_grad(op, *grad, logits, /*allow_float=*/false);
-  const auto t = target.contiguous();
-  double weight_sum = 0;
-  const auto w = class_weights(op, weight, logits, weight_sum);
-  const double total = total_weight(t, logits.size(1), ignore_index, w);
-
-  // ---- the rows, then the reduction in double, in row order
-  const auto row_losses = at::empty({rows}, logits.options().dtype(acc));
-  const double grad_scale = mean ? 1.0 / total : 1.0;  // every row ignored: inf, but no row uses it
-  PYEFF_ISA_SELECT(cross_entropy_kernel)(
-      make_args(logits, t, w, weight_sum, ignore_index, label_smoothing, grad_scale, row_losses, grad));
-  if (none) {
-    loss.copy_(row_losses);
-  } else {
-    double sum = 0;
-    if (row_losses.scalar_type() == at::kDouble) {
-      for (int64_t r = 0; r < rows; ++r) sum += row_losses.const_data_ptr<double>()[r];
-    } else {
-      for (int64_t r = 0; r < rows; ++r) sum += row_losses.const_data_ptr<float>()[r];
-    }
-    loss.fill_(mean ? sum / total : sum);  // mean over no rows: 0 / 0 = nan, as torch
-  }
-  if (grad.has_value()) bump_versions({at::TensorList(*grad)});
-}
-
 // One chunk of rows: per-row losses (opmath dtype, unreduced) and the gradient times grad_scale,
 // possibly in place over logits, or as float32 for bfloat16/float16 logits.
 void cross_entropy_rows_cpu(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
@@ -181,16 +116,16 @@ void cross_entropy_rows_cpu(const at::Tensor& logits, const at::Tensor& target, 
   constexpr const char* op = "cross_entropy_rows";
   check_logits_target(op, logits, target);
   check_label_smoothing(op, label_smoothing);
-  const auto acc = opmath(logits.scalar_type());
+  const auto acc = opmath_type(logits.scalar_type());
   TORCH_CHECK(row_losses.device().is_cpu() && row_losses.scalar_type() == acc && row_losses.dim() == 1 &&
                   row_losses.size(0) == logits.size(0) && row_losses.is_contiguous(),
               op, ": expected row_losses to be a contiguous ", acc, " CPU tensor of shape (", logits.size(0),
               ",), got ", row_losses.scalar_type(), " of shape ", row_losses.sizes(), " on ", row_losses.device());
-  if (grad.has_value()) check_grad(op, *grad, logits, /*allow_float=*/true);
+  if (grad.has_value()) check_grad(op, *grad, logits);
   const auto t = target.contiguous();
   double weight_sum = 0;
   const auto w = class_weights(op, weight, logits, weight_sum);
-  total_weight(t, logits.size(1), ignore_index, w);  // the target checks
+  check_targets(t, logits.size(1), ignore_index);
 
   PYEFF_ISA_SELECT(cross_entropy_kernel)(
       make_args(logits, t, w, weight_sum, ignore_index, label_smoothing, grad_scale, row_losses, grad));
@@ -201,15 +136,12 @@ void cross_entropy_rows_cpu(const at::Tensor& logits, const at::Tensor& target, 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(pyeff, m) {
-  m.def("cross_entropy_cpu(Tensor logits, Tensor target, Tensor? weight, int ignore_index, float label_smoothing, "
-        "str reduction, Tensor(a!) loss, Tensor(b!)? grad) -> ()");
   // `grad` may be `logits` itself (in place); callers pass their own scratch logits only.
   m.def("cross_entropy_rows_cpu(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
         "float label_smoothing, float grad_scale, Tensor(a!) row_losses, Tensor(b!)? grad) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(pyeff, CPU, m) {
-  m.impl("cross_entropy_cpu", &cross_entropy_cpu);
   m.impl("cross_entropy_rows_cpu", &cross_entropy_rows_cpu);
 }
 

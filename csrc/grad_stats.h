@@ -14,9 +14,7 @@ inline void check_grad_stats(const char* op, at::TensorList grads, const at::Ten
     const auto& g = grads[i];
     TORCH_CHECK(g.device() == out.device(), op, ": expected grads[", i, "] on ", out.device(), ", got ", g.device());
     TORCH_CHECK(!g.is_sparse(), op, ": grads[", i, "] is sparse; pass its values()");
-    const auto dt = g.scalar_type();
-    TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf, op,
-                ": expected grads[", i, "] to be float32, float64, bfloat16 or float16, got ", dt);
+    check_floating(op, g.scalar_type(), "grads[", i, "]");
     TORCH_CHECK(g.is_non_overlapping_and_dense(), op, ": expected grads[", i, "] to be dense");
   }
 }

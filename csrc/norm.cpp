@@ -16,17 +16,10 @@ namespace {
 constexpr const char* kFwd = "norm_forward";
 constexpr const char* kBwd = "norm_backward";
 
-bool is_float_dtype(c10::ScalarType dt) {
-  return dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf;
-}
-
-c10::ScalarType stat_dtype(c10::ScalarType dt) { return dt == at::kDouble ? at::kDouble : at::kFloat; }
-
 void check_input(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.device().is_cpu(), op, ": expected ", name, " on the CPU, got ", t.device());
   TORCH_CHECK(t.dim() == 2, op, ": expected ", name, " to be 2-D (rows, normalized numel), got shape ", t.sizes());
-  TORCH_CHECK(is_float_dtype(t.scalar_type()), op, ": expected ", name,
-              " to be float32, float64, bfloat16 or float16, got ", t.scalar_type());
+  check_floating(op, t.scalar_type(), name);
   TORCH_CHECK(t.is_contiguous(), op, ": expected ", name, " to be contiguous");
 }
 
@@ -52,19 +45,17 @@ c10::ScalarType check_params(const char* op, const at::Tensor& x, const std::opt
     TORCH_CHECK(t.device().is_cpu(), op, ": expected ", name, " on the CPU, got ", t.device());
     TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(1), op, ": expected ", name, " of shape [", x.size(1),
                 "] (the normalized numel), got ", t.sizes());
-    TORCH_CHECK(t.scalar_type() == dt || (t.scalar_type() == at::kFloat && (dt == at::kBFloat16 || dt == at::kHalf)),
-                op, ": expected ", name, " to be ", dt, (dt == at::kBFloat16 || dt == at::kHalf) ? " or float32" : "",
-                " like the input, got ", t.scalar_type());
+    check_param_dtype(op, name, t.scalar_type(), dt);
     TORCH_CHECK(!param_dtype || *param_dtype == t.scalar_type(), op, ": expected weight and bias of one dtype, got ",
                 *param_dtype, " and ", t.scalar_type());
     TORCH_CHECK(t.is_contiguous(), op, ": expected ", name, " to be contiguous");
     param_dtype = t.scalar_type();
   }
-  return param_dtype.value_or(stat_dtype(dt));
+  return param_dtype.value_or(opmath_type(dt));
 }
 
 void check_stat(const char* name, const at::Tensor& t, const at::Tensor& like) {
-  const auto expected = stat_dtype(like.scalar_type());
+  const auto expected = opmath_type(like.scalar_type());
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == expected && t.dim() == 1 && t.size(0) == like.size(0) &&
                   t.is_contiguous(),
               kBwd, ": expected ", name, " to be a contiguous ", expected, " CPU tensor of shape [", like.size(0),
@@ -81,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_forward_cpu(
 
   const auto rows = x.size(0);
   const auto opts = x.options();
-  const auto stat_opts = opts.dtype(stat_dtype(x.scalar_type()));
+  const auto stat_opts = opts.dtype(opmath_type(x.scalar_type()));
   auto y = at::empty_like(x);
   auto sum = residual.has_value() ? at::empty_like(x) : at::empty({0}, opts);
   auto mean = at::empty({rms ? 0 : rows}, stat_opts);

@@ -1,7 +1,9 @@
 #pragma once
 // The storage types an optimizer kernel is instantiated for, on the CPU and on CUDA: calls
 // f(TypeTag<P>, TypeTag<G>, ModeTag<MODE>) with the parameters' storage type P, the gradients' G and
-// the precision mode (NOTE [low-precision parameter modes], csrc/cpu/low_precision.h).
+// the precision mode (NOTE [low-precision parameter modes], csrc/cpu/low_precision.h). A kernel's
+// `run(args, TypeTag<P>, TypeTag<G>, ModeTag<MODE>...)` deduces its template arguments from them, so
+// that its dispatch is one line: `[&](auto... types) { run(args, types...); }`.
 // fp32/bf16/fp16 parameters take fp32/bf16/fp16 gradients, fp64 parameters fp64 ones; the low-
 // precision modes exist for bf16/fp16 parameters only (the op's checks make sure of all this first).
 #include <c10/core/ScalarType.h>
@@ -11,12 +13,12 @@
 #include <type_traits>
 
 #include "cpu/low_precision.h"
+#include "type_tag.h"
 
 namespace pyeff {
 
 using cpu::PrecisionMode;
 
-template <typename T> struct TypeTag { using type = T; };
 template <PrecisionMode M> using ModeTag = std::integral_constant<PrecisionMode, M>;
 
 template <typename F>

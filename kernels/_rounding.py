@@ -1,7 +1,15 @@
-"""Rounding on store, shared by the Triton kernels."""
+"""Rounding on store and the math dtype, shared by the Triton kernels."""
 
+import torch
 import triton
 import triton.language as tl
+
+from .._dtypes import opmath_dtype
+
+
+def tl_opmath(dtype: torch.dtype):
+    """opmath_dtype(dtype) as a Triton dtype, for a kernel's ACC argument."""
+    return tl.float64 if opmath_dtype(dtype) == torch.float64 else tl.float32
 
 
 @triton.jit

@@ -16,8 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .._dtypes import opmath_dtype
 from ._layout import rows as _rows
-from ._rounding import cast_rne
+from ._rounding import cast_rne, tl_opmath
 
 
 @triton.jit
@@ -160,10 +161,6 @@ def _swiglu_backward_kernel(
              mask=mask)
 
 
-def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _blocks(n: int) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N): tiles of about 4096 elements, as wide as the rows allow up to 256."""
     block_n = min(256, triton.next_power_of_2(max(n, 1)))
@@ -182,7 +179,7 @@ def bias_gelu_forward(x, bias, approximate):
         bm, bn = _blocks(n)
         _bias_gelu_forward_kernel[_grid(rows, n, bm, bn)](
             x, bias if bias is not None else x, y, rows, n, x.stride(0), HAS_BIAS=bias is not None,
-            TANH=approximate == "tanh", ACC=_acc(x.dtype), BLOCK_M=bm, BLOCK_N=bn)
+            TANH=approximate == "tanh", ACC=tl_opmath(x.dtype), BLOCK_M=bm, BLOCK_N=bn)
     return y
 
 
@@ -193,13 +190,13 @@ def bias_gelu_backward(dy, x, bias, approximate, bias_grad):
     dx = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     bm, bn = _blocks(n)
     grid = _grid(rows, n, bm, bn)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = opmath_dtype(x.dtype)
     partial = torch.zeros((grid[0], n) if bias_grad else (0, 0), dtype=acc, device=x.device)
     if rows and n:
         _bias_gelu_backward_kernel[grid](
             dy, x, bias if bias is not None else x, dx, partial if bias_grad else dx, rows, n, dy.stride(0),
-            x.stride(0), HAS_BIAS=bias is not None, BIAS_GRAD=bias_grad, TANH=approximate == "tanh", ACC=_acc(x.dtype),
-            BLOCK_M=bm, BLOCK_N=bn)
+            x.stride(0), HAS_BIAS=bias is not None, BIAS_GRAD=bias_grad, TANH=approximate == "tanh",
+            ACC=tl_opmath(x.dtype), BLOCK_M=bm, BLOCK_N=bn)
     # Second stage: the row tiles' column sums added in a fixed order.
     dbias = partial.sum(0).to(bias_dtype) if bias_grad else x.new_empty(0, dtype=bias_dtype)
     return dx, dbias
@@ -221,7 +218,7 @@ def swiglu_forward(gate, up):
     if rows and n:
         bm, bn = _blocks(n)
         _swiglu_forward_kernel[_grid(rows, n, bm, bn)](
-            g, u, y, rows, n, g.stride(0), u.stride(0), ACC=_acc(gate.dtype), BLOCK_M=bm, BLOCK_N=bn)
+            g, u, y, rows, n, g.stride(0), u.stride(0), ACC=tl_opmath(gate.dtype), BLOCK_M=bm, BLOCK_N=bn)
     return y
 
 
@@ -234,5 +231,5 @@ def swiglu_backward(dy, gate, up):
         bm, bn = _blocks(n)
         _swiglu_backward_kernel[_grid(rows, n, bm, bn)](
             dy, g, u, dgrad[:, :n], dgrad[:, n:], rows, n, dy.stride(0), g.stride(0), u.stride(0), dgrad.stride(0),
-            ACC=_acc(gate.dtype), BLOCK_M=bm, BLOCK_N=bn)
+            ACC=tl_opmath(gate.dtype), BLOCK_M=bm, BLOCK_N=bn)
     return dgrad

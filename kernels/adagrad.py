@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._dtypes import opmath_dtype
 from . import _state as Q
 from . import _tables as T
 from ._optim import advance_steps, column, load_param, mode_of, program_chunk, step_scalars
@@ -173,7 +174,7 @@ def adagrad_step(params, grads, state_sums, state_steps, master_params, compensa
             for i, p in enumerate(params)]
     table, chunks, programs = T.tables(rows, [r[0] for r in rows], device)
     if programs:
-        acc = torch.float64 if params[0].dtype == torch.float64 else torch.float32
+        acc = opmath_dtype(params[0].dtype)
         _adagrad_kernel[(programs,)](
             table, chunks, grad_mult if grad_mult is not None else table, found_inf if found_inf is not None else table,
             lr_tensor if lr_tensor is not None else table, T.bits(lr), T.bits(lr_decay), T.bits(eps),

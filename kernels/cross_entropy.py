@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from ._layout import rows as _rows
-from ._rounding import cast_rne
+from ._rounding import cast_rne, tl_opmath
 
 PARTIAL = 5  # m, s, z, W, x_t per (row, program)
 MAX_BLOCK = 4096
@@ -301,10 +301,6 @@ def _rescale_kernel(
     tl.store(G + offs, cast_rne(g * (go / applied), G.dtype.element_ty), mask=mask)
 
 
-def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _block(columns: int) -> tuple[int, int]:
     """(BLOCK, num_warps) for sweeps over `columns`."""
     block = min(triton.next_power_of_2(max(columns, 1)), MAX_BLOCK)
@@ -331,7 +327,7 @@ def split_columns(rows: int, columns: int, device: torch.device, splits: int | N
 
 
 def _flags(weight, eps, logits_dtype):
-    return dict(HAS_WEIGHT=weight is not None, SMOOTH=eps is not None, ACC=_acc(logits_dtype))
+    return dict(HAS_WEIGHT=weight is not None, SMOOTH=eps is not None, ACC=tl_opmath(logits_dtype))
 
 
 def smoothing_scalar(label_smoothing: float, acc: torch.dtype, device: torch.device) -> torch.Tensor | None:
@@ -416,6 +412,6 @@ def rescale_(grads: list[torch.Tensor], grad_output: torch.Tensor, applied: torc
     block = 4096
     for g in grads:
         if g.numel():
-            _rescale_kernel[(triton.cdiv(g.numel(), block),)](g, g.numel(), grad_output, applied, ACC=_acc(g.dtype),
-                                                                 BLOCK=block)
+            _rescale_kernel[(triton.cdiv(g.numel(), block),)](g, g.numel(), grad_output, applied,
+                                                                 ACC=tl_opmath(g.dtype), BLOCK=block)
     applied.copy_(grad_output.reshape(()))

@@ -33,6 +33,7 @@ import math
 import torch
 import triton
 
+from .._dtypes import opmath_dtype
 from .cross_entropy import (PARTIAL, programs_to_fill, row_gradients, row_losses_from_stats, row_stats,
                             smoothing_scalar, split_columns)
 
@@ -70,7 +71,7 @@ def linear_cross_entropy(hidden, weight, target, bias, ignore_index, label_smoot
     n, h = hidden.shape
     v = weight.shape[0]
     device = hidden.device
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    acc = opmath_dtype(hidden.dtype)
     chunk = vocab_chunk(n, h, v, device) if chunk_size is None else math.ceil(chunk_size * v / max(n, 1))
     starts = range(0, v, chunk)
     slots = [split_columns(n, min(chunk, v - v0), device)[0] for v0 in starts]

@@ -20,8 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .._dtypes import opmath_dtype
 from ._layout import rows as _rows
-from ._rounding import cast_rne
+from ._rounding import cast_rne, tl_opmath
 
 MAX_COLS = 65536  # a row must fit in one program's registers
 MAX_PROGRAMS = 256  # backward programs, so partials are at most MAX_PROGRAMS x n
@@ -144,14 +145,6 @@ def _norm_backward_kernel(
         tl.store(DBp + pid * n + cols, db, mask=mask)
 
 
-def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _block_n(n: int) -> int:
     if n > MAX_COLS:
         raise RuntimeError(f"pyeff.kernels.norm: the triton backend normalizes rows of up to {MAX_COLS} elements, "
@@ -170,7 +163,7 @@ def _contiguous(t):
 def norm_forward(x, residual, weight, bias, eps, rms):
     x, residual, weight, bias = _rows(x), _rows(residual), _contiguous(weight), _contiguous(bias)
     rows, n = x.shape
-    stats = torch.empty(rows, dtype=_stat_dtype(x.dtype), device=x.device)
+    stats = torch.empty(rows, dtype=opmath_dtype(x.dtype), device=x.device)
     y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     h = torch.empty_like(y) if residual is not None else x.new_empty(0)
     mean = stats.new_empty(0) if rms else torch.empty_like(stats)
@@ -181,7 +174,7 @@ def norm_forward(x, residual, weight, bias, eps, rms):
         x, residual if residual is not None else x, weight if weight is not None else x,
         bias if bias is not None else x, y, h if residual is not None else y, stats if rms else mean, stats, n,
         x.stride(0), residual.stride(0) if residual is not None else 0, eps, HAS_RESIDUAL=residual is not None,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, RMS=rms, ACC=_acc(x.dtype), BLOCK_N=block_n,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, RMS=rms, ACC=tl_opmath(x.dtype), BLOCK_N=block_n,
         num_warps=_num_warps(block_n))
     return y, h, mean, stats
 
@@ -190,7 +183,7 @@ def norm_backward(dy, dh, h, weight, mean, rstd, rms, weight_grad, bias_grad):
     dy, dh, h, weight = _rows(dy), _rows(dh), _rows(h), _contiguous(weight)
     mean, rstd = _contiguous(mean), _contiguous(rstd)
     rows, n = h.shape
-    acc = _stat_dtype(h.dtype)
+    acc = opmath_dtype(h.dtype)
     param_dtype = weight.dtype if weight is not None else acc
     dx = torch.empty((rows, n), dtype=h.dtype, device=h.device)
     param_grads = weight_grad or bias_grad
@@ -206,7 +199,7 @@ def norm_backward(dy, dh, h, weight, mean, rstd, rms, weight_grad, bias_grad):
             dy, dh if dh is not None else dy, h, weight if weight is not None else h, mean if not rms else rstd,
             rstd, dx, dwp, dbp, rows, n, dy.stride(0), dh.stride(0) if dh is not None else 0, h.stride(0),
             rows_per_program, HAS_DH=dh is not None,
-            HAS_WEIGHT=weight is not None, PARAM_GRADS=param_grads, RMS=rms, ACC=_acc(h.dtype), BLOCK_N=block_n,
+            HAS_WEIGHT=weight is not None, PARAM_GRADS=param_grads, RMS=rms, ACC=tl_opmath(h.dtype), BLOCK_N=block_n,
             num_warps=_num_warps(block_n))
     elif param_grads:
         partial.zero_()

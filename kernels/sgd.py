@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._dtypes import opmath_dtype
 from . import _tables as T
 from ._optim import column, load_param, lr_and_multiplier, mode_of, program_chunk, store_param
 from ._rounding import cast_rne
@@ -99,7 +100,7 @@ def sgd_step(params, grads, momentum_buffers, is_first_step, master_params, comp
             for i, p in enumerate(params)]
     table, chunks, programs = T.tables(rows, [r[0] for r in rows], device)
     if programs:
-        acc = torch.float64 if params[0].dtype == torch.float64 else torch.float32
+        acc = opmath_dtype(params[0].dtype)
         buf_dtype = momentum_buffers[0].dtype if with_momentum else params[0].dtype
         _sgd_kernel[(programs,)](
             table, chunks, grad_mult if grad_mult is not None else table, found_inf if found_inf is not None else table,

@@ -1,5 +1,5 @@
 """Test set-up. TRITON_INTERPRET must be set before any @triton.jit function is defined, so that
-Triton kernels run on the CPU through the interpreter (BUILD-NOTES.md)."""
+Triton kernels run on the CPU through the interpreter (no GPU needed)."""
 
 import getpass
 import os

@@ -334,7 +334,6 @@ class _Block(torch.nn.Module):
         return h + self.down(self.act(self.up(y)))
 
 
-@pytest.mark.slow
 def test_model_compiles_with_torch_compile():
     model = _Block()
     x = torch.randn(2, 7, 24, requires_grad=True)

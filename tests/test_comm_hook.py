@@ -99,7 +99,6 @@ def ranks(tmp_path_factory):
 
 
 SCENARIOS = ["hook", "plain", "fp16", "bf16", "poison", "touch", "bf16_params"]
-pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("name", SCENARIOS + ["zero_pyeff", "zero_torch"])

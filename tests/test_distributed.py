@@ -1,6 +1,5 @@
 """pyeff's optimizers and scaler inside DistributedDataParallel (gloo, 2 processes on the CPU)."""
 
-import pytest
 import torch
 from _gloo import spawn
 
@@ -35,7 +34,6 @@ def _worker(rank):
     return [p.detach() for p in model.module.parameters()]
 
 
-@pytest.mark.slow
 def test_ddp_matches_single_process_on_the_whole_batch(tmp_path):
     world = 2
     ranks = spawn(_worker, world, tmp_path)

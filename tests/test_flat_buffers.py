@@ -259,7 +259,6 @@ DDP_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow
 def test_ddp_two_processes(tmp_path):
     script = tmp_path / "ddp_flat.py"
     script.write_text(DDP_SCRIPT)

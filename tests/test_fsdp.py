@@ -12,8 +12,6 @@ STEPS = 4
 CLIP = 0.5
 HYPER = dict(lr=1e-2, eps=1e-5)  # see tests/test_comm_hook.py
 
-pytestmark = pytest.mark.slow
-
 
 def _model():
     torch.manual_seed(0)

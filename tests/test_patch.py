@@ -15,9 +15,6 @@ from torch import nn
 
 import pyeff
 
-HAVE_FUSED = all(hasattr(pyeff.nn, n) for n in ("LayerNorm", "RMSNorm")) and hasattr(pyeff.nn.functional,
-                                                                                       "bias_gelu")
-
 
 class _StandInLayerNorm(nn.LayerNorm):
     pass
@@ -101,7 +98,6 @@ def test_patch_transformer_logic_with_stand_ins(stand_ins):
                      "mlp.1": nn.Identity}
 
 
-@pytest.mark.skipif(not HAVE_FUSED, reason="pyeff.nn.LayerNorm / RMSNorm / functional.bias_gelu not merged yet")
 def test_patch_transformer_fused_layers():
     types = _check_transformer({}, atol=1e-5, rtol=1e-4)
     assert types["ln1"] is pyeff.nn.LayerNorm and types["norm"] is pyeff.nn.RMSNorm

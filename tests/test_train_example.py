@@ -20,8 +20,6 @@ TINY = ["--layers", "1", "--d-model", "32", "--heads", "2", "--seq-len", "32", "
         "--warmup", "2", "--eval-every", "3", "--eval-batches", "2", "--dropout", "0.1", "--corpus-bytes", "200000",
         "--log-every", "1", "--no-progress"]
 
-pytestmark = pytest.mark.slow
-
 
 def _run(*args, nproc=2, module=False, script=TRAIN, tiny=TINY):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]

@@ -7,7 +7,6 @@ import torch
 
 import pyeff
 
-pytestmark = pytest.mark.slow
 
 STEPS = 6
 

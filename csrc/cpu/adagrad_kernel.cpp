@@ -155,7 +155,7 @@ void for_each_piece(const AdagradTensor& x, int64_t lo, int64_t hi, const F& f) 
 }
 
 template <typename P, typename G, PrecisionMode MODE, typename S>
-void run_typed(const AdagradArgs& a) {
+void run(const AdagradArgs& a, TypeTag<P>, TypeTag<G>, ModeTag<MODE>, TypeTag<S>) {
   // Runs where codes or stochastic rounding need them (fp32 math only: never for fp64). Codes
   // take dense gradients only (the op's checks), and whole blocks.
   constexpr bool kCoded = std::is_same_v<S, Q8>;
@@ -184,10 +184,8 @@ void run_typed(const AdagradArgs& a) {
 }  // namespace
 
 void adagrad_kernel(const AdagradArgs& a) {
-  dispatch_optimizer_state_types(a.dtype, a.grad_dtype, a.mode, a.sum_dtype, [&](auto p, auto g, auto mode, auto s) {
-    run_typed<typename decltype(p)::type, typename decltype(g)::type, decltype(mode)::value,
-              typename decltype(s)::type>(a);
-  });
+  dispatch_optimizer_state_types(a.dtype, a.grad_dtype, a.mode, a.sum_dtype,
+                                 [&](auto... types) { run(a, types...); });
 }
 
 }  // namespace pyeff::cpu::CPU_CAPABILITY

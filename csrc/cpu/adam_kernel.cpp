@@ -126,7 +126,7 @@ void adam_runs(const AdamArgs& a, const AdamTensor& t, int64_t lo, int64_t hi) {
 }
 
 template <typename P, typename G, PrecisionMode MODE, typename M>
-void run(const AdamArgs& a) {
+void run(const AdamArgs& a, TypeTag<P>, TypeTag<G>, ModeTag<MODE>, TypeTag<M>) {
   // Runs where codes or stochastic rounding need them (fp32 math only: never for fp64).
   constexpr bool kCoded = std::is_same_v<M, Q8>;
   constexpr bool kMayRound = std::is_same_v<M, c10::BFloat16> || std::is_same_v<P, c10::BFloat16>;
@@ -142,10 +142,8 @@ void run(const AdamArgs& a) {
 }  // namespace
 
 void adam_kernel(const AdamArgs& a) {
-  dispatch_optimizer_state_types(a.dtype, a.grad_dtype, a.mode, a.moment_dtype, [&](auto p, auto g, auto mode,
-                                                                                     auto m) {
-    run<typename decltype(p)::type, typename decltype(g)::type, decltype(mode)::value, typename decltype(m)::type>(a);
-  });
+  dispatch_optimizer_state_types(a.dtype, a.grad_dtype, a.mode, a.moment_dtype,
+                                 [&](auto... types) { run(a, types...); });
 }
 
 }  // namespace pyeff::cpu::CPU_CAPABILITY

@@ -3,6 +3,7 @@
 // for deterministic column sums, and partial blocks for the tail of a row. Like vec_utils.h, this is
 // compiled once per ISA inside that ISA's namespace.
 #include "cpu/vec_utils.h"
+#include "type_tag.h"
 
 namespace pyeff::cpu::CPU_CAPABILITY {
 
@@ -61,21 +62,21 @@ inline void store_tail(T* p, int64_t n, const V& a, const V& b) {
   std::copy(buf, buf + n, p);
 }
 
-// Calls f(T{}, P{}) for the (input dtype, parameter dtype) pairs the row-wise ops accept: P is T,
-// or float for bfloat16/float16 input. The op files reject every other pair before calling.
-template <typename T> struct Tag { using type = T; };
-
+// Calls f(TypeTag<T>, TypeTag<P>) for the (input dtype, parameter dtype) pairs the row-wise ops
+// accept: P is T, or float for bfloat16/float16 input. The op files reject every other pair before
+// calling.
 template <typename F>
 inline void dispatch_pair(c10::ScalarType dtype, c10::ScalarType param_dtype, const F& f) {
   using c10::ScalarType;
   const bool fp32_param = param_dtype == ScalarType::Float;
   switch (dtype) {
-    case ScalarType::Float: return f(Tag<float>{}, Tag<float>{});
-    case ScalarType::Double: return f(Tag<double>{}, Tag<double>{});
+    case ScalarType::Float: return f(TypeTag<float>{}, TypeTag<float>{});
+    case ScalarType::Double: return f(TypeTag<double>{}, TypeTag<double>{});
     case ScalarType::BFloat16:
-      return fp32_param ? f(Tag<c10::BFloat16>{}, Tag<float>{}) : f(Tag<c10::BFloat16>{}, Tag<c10::BFloat16>{});
+      return fp32_param ? f(TypeTag<c10::BFloat16>{}, TypeTag<float>{})
+                        : f(TypeTag<c10::BFloat16>{}, TypeTag<c10::BFloat16>{});
     case ScalarType::Half:
-      return fp32_param ? f(Tag<c10::Half>{}, Tag<float>{}) : f(Tag<c10::Half>{}, Tag<c10::Half>{});
+      return fp32_param ? f(TypeTag<c10::Half>{}, TypeTag<float>{}) : f(TypeTag<c10::Half>{}, TypeTag<c10::Half>{});
     default: return;
   }
 }

@@ -45,16 +45,14 @@ void sgd_span(const SgdArgs& a, const SgdTensor& t, int64_t lo, int64_t hi) {
 }
 
 template <typename P, typename G, PrecisionMode MODE>
-void run(const SgdArgs& a) {
+void run(const SgdArgs& a, TypeTag<P>, TypeTag<G>, ModeTag<MODE>) {
   for_each_span(a.offsets, [&](int64_t t, int64_t lo, int64_t hi) { sgd_span<P, G, MODE>(a, a.tensors[t], lo, hi); });
 }
 
 }  // namespace
 
 void sgd_kernel(const SgdArgs& a) {
-  dispatch_optimizer_types(a.dtype, a.grad_dtype, a.mode, [&](auto p, auto g, auto mode) {
-    run<typename decltype(p)::type, typename decltype(g)::type, decltype(mode)::value>(a);
-  });
+  dispatch_optimizer_types(a.dtype, a.grad_dtype, a.mode, [&](auto... types) { run(a, types...); });
 }
 
 }  // namespace pyeff::cpu::CPU_CAPABILITY

@@ -222,20 +222,8 @@ void adagrad_step_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
   }
   const AdagradHyper h{lr_decay, eps, weight_decay, maximize, grad_mult.has_value()};
   const StepScalars s = step_scalars(lr, lr_tensor, state_steps, grad_mult, found_inf);
-  dispatch_optimizer_state_types(in.dtype, in.grad_dtype, in.low.mode, in.state.moment_dtype,
-                                 [&](auto p, auto g, auto mode, auto sum) {
-    using P = typename decltype(p)::type;
-    using G = typename decltype(g)::type;
-    using S = typename decltype(sum)::type;
-    constexpr PrecisionMode MODE = decltype(mode)::value;
-    // Stochastic rounding is its own instantiation where something can be rounded (fp32 math).
-    constexpr bool kMayRound = std::is_same_v<S, Q8> || std::is_same_v<S, c10::BFloat16> ||
-                               (std::is_same_v<P, c10::BFloat16> && MODE == PrecisionMode::PLAIN);
-    if constexpr (kMayRound) {
-      if (in.state.stochastic) return launch_multi_tensor(entries, work, AdagradChunk<P, G, MODE, S, true>{}, h, s);
-    }
-    launch_multi_tensor(entries, work, AdagradChunk<P, G, MODE, S, false>{}, h, s);
-  });
+  launch_optimizer_step<AdagradChunk>(in.dtype, in.grad_dtype, in.low.mode, in.state.moment_dtype,
+                                      in.state.stochastic, entries, work, h, s);
   advance_steps(state_steps, s.found_inf);
   bump_versions({params, state_sums, state_steps, master_params, compensations, state_sum_absmaxes});
 }

@@ -213,20 +213,8 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   }
   const AdamHyper h{beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_mult.has_value()};
   const StepScalars s = step_scalars(lr, lr_tensor, state_steps, grad_mult, found_inf);
-  dispatch_optimizer_state_types(in.dtype, in.grad_dtype, in.low.mode, in.state.moment_dtype,
-                                 [&](auto p, auto g, auto mode, auto m) {
-    using P = typename decltype(p)::type;
-    using G = typename decltype(g)::type;
-    using M = typename decltype(m)::type;
-    constexpr PrecisionMode MODE = decltype(mode)::value;
-    // Stochastic rounding is its own instantiation where something can be rounded (fp32 math).
-    constexpr bool kMayRound = std::is_same_v<M, Q8> || std::is_same_v<M, c10::BFloat16> ||
-                               (std::is_same_v<P, c10::BFloat16> && MODE == PrecisionMode::PLAIN);
-    if constexpr (kMayRound) {
-      if (in.state.stochastic) return launch_multi_tensor(entries, work, AdamChunk<P, G, MODE, M, true>{}, h, s);
-    }
-    launch_multi_tensor(entries, work, AdamChunk<P, G, MODE, M, false>{}, h, s);
-  });
+  launch_optimizer_step<AdamChunk>(in.dtype, in.grad_dtype, in.low.mode, in.state.moment_dtype, in.state.stochastic,
+                                   entries, work, h, s);
   advance_steps(state_steps, s.found_inf);
   bump_versions({params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, master_params, compensations,
                  exp_avg_absmaxes, exp_avg_sq_absmaxes, max_exp_avg_sq_absmaxes});

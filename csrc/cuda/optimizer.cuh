@@ -1,7 +1,7 @@
 #pragma once
-// What the CUDA optimizer kernels share besides the launcher: the device scalars a step reads, and
-// the parameter's storage in each NOTE [low-precision parameter modes] (the CPU's is
-// csrc/cpu/param_io.h).
+// What the CUDA optimizer kernels share besides the launcher: the device scalars a step reads, the
+// parameter's storage in each NOTE [low-precision parameter modes] (the CPU's is
+// csrc/cpu/param_io.h), and the dispatch of a step's types to its chunk functor.
 #include <ATen/core/Tensor.h>
 
 #include "cuda/elementwise.cuh"
@@ -81,5 +81,26 @@ struct ParamAccess {
            (MODE != PrecisionMode::KAHAN || is_aligned<W>(comp + at));
   }
 };
+
+// One step of Chunk<P, G, MODE, M, SR> over `entries` (element counts `work`) for the step's types
+// (dispatch_optimizer_state_types; M: the moments' storage): stochastic rounding (SR) is its own
+// instantiation where something can be rounded (fp32 math).
+template <template <typename, typename, PrecisionMode, typename, bool> class Chunk, typename Entry, typename... Args>
+void launch_optimizer_step(c10::ScalarType dtype, c10::ScalarType grad_dtype, PrecisionMode mode,
+                           c10::ScalarType moment_dtype, bool stochastic, const std::vector<Entry>& entries,
+                           const std::vector<int64_t>& work, const Args&... args) {
+  dispatch_optimizer_state_types(dtype, grad_dtype, mode, moment_dtype, [&](auto p, auto g, auto mode, auto m) {
+    using P = typename decltype(p)::type;
+    using G = typename decltype(g)::type;
+    using M = typename decltype(m)::type;
+    constexpr PrecisionMode MODE = decltype(mode)::value;
+    constexpr bool kMayRound = std::is_same_v<M, Q8> || std::is_same_v<M, c10::BFloat16> ||
+                               (std::is_same_v<P, c10::BFloat16> && MODE == PrecisionMode::PLAIN);
+    if constexpr (kMayRound) {
+      if (stochastic) return launch_multi_tensor(entries, work, Chunk<P, G, MODE, M, true>{}, args...);
+    }
+    launch_multi_tensor(entries, work, Chunk<P, G, MODE, M, false>{}, args...);
+  });
+}
 
 }  // namespace pyeff::cuda

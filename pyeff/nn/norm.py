@@ -17,6 +17,7 @@ import numbers
 import torch
 from torch import Tensor
 
+from .._dtypes import opmath_dtype
 from ..ops import norm as ops
 from ._checks import check_float, check_like, param_for
 
@@ -73,7 +74,7 @@ def _norm(fn: str, input: Tensor, residual: Tensor | None, normalized_shape, wei
     if residual is not None:
         check_like(fn, "residual", residual, input)
     if eps is None:  # torch.nn.RMSNorm: the machine epsilon of the math's dtype
-        eps = torch.finfo(ops.stat_dtype(input.dtype)).eps
+        eps = torch.finfo(opmath_dtype(input.dtype)).eps
     elif not eps >= 0:
         raise ValueError(f"Invalid eps: {eps}")
     weight = param_for(fn, "weight", weight, input, shape)

@@ -34,6 +34,7 @@ import math
 import torch
 from torch import Tensor
 
+from .._dtypes import opmath_dtype
 from ._registry import Op
 
 BIAS_GELU_FORWARD = Op("bias_gelu_forward")
@@ -42,10 +43,6 @@ SWIGLU_FORWARD = Op("swiglu_forward")
 SWIGLU_BACKWARD = Op("swiglu_backward")
 
 GELU_APPROXIMATIONS = ("none", "tanh")
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _gelu_and_derivative(h: Tensor, approximate: str) -> tuple[Tensor, Tensor]:
@@ -65,7 +62,7 @@ def check_approximate(approximate: str) -> None:
 @BIAS_GELU_FORWARD.reference
 def bias_gelu_forward_reference(x: Tensor, bias: Tensor | None, approximate: str) -> Tensor:
     check_approximate(approximate)
-    h = x.to(_acc(x.dtype))
+    h = x.to(opmath_dtype(x.dtype))
     if bias is not None:
         h = h + bias.to(h.dtype)
     return _gelu_and_derivative(h, approximate)[0].to(x.dtype)
@@ -77,7 +74,7 @@ def bias_gelu_backward_reference(dy: Tensor, x: Tensor, bias: Tensor | None, app
     check_approximate(approximate)
     if bias_grad and bias is None:
         raise RuntimeError("bias_gelu_backward: `bias_grad=True` needs the `bias`")
-    h = x.to(_acc(x.dtype))
+    h = x.to(opmath_dtype(x.dtype))
     if bias is not None:
         h = h + bias.to(h.dtype)
     dx = dy.to(h.dtype) * _gelu_and_derivative(h, approximate)[1]
@@ -98,7 +95,7 @@ def _split(gate: Tensor, up: Tensor | None) -> tuple[Tensor, Tensor]:
 @SWIGLU_FORWARD.reference
 def swiglu_forward_reference(gate: Tensor, up: Tensor | None) -> Tensor:
     g, u = _split(gate, up)
-    acc = _acc(g.dtype)
+    acc = opmath_dtype(g.dtype)
     g = g.to(acc)
     return (g * torch.sigmoid(g) * u.to(acc)).to(gate.dtype)
 
@@ -106,7 +103,7 @@ def swiglu_forward_reference(gate: Tensor, up: Tensor | None) -> Tensor:
 @SWIGLU_BACKWARD.reference
 def swiglu_backward_reference(dy: Tensor, gate: Tensor, up: Tensor | None) -> Tensor:
     g, u = _split(gate, up)
-    acc = _acc(g.dtype)
+    acc = opmath_dtype(g.dtype)
     g, u, d = g.to(acc), u.to(acc), dy.to(acc)
     s = torch.sigmoid(g)
     dgate = d * u * s * (1 + g * (1 - s))

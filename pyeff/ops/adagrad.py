@@ -38,6 +38,7 @@ from typing import List  # schemas: torch < 2.7 cannot read list[Tensor]
 import torch
 from torch import Tensor
 
+from .._dtypes import opmath_dtype
 from ._low_precision import store_param
 from ._multi_tensor import (check_quantized_layouts, group_by_device_and_dtype, learning_rate, make_dense, on_device,
                             present_or_empty)
@@ -90,7 +91,7 @@ def adagrad_step_reference(
         dst.copy_(new if skip is None else torch.where(skip, dst, new))
 
     for i, param in enumerate(params):
-        acc = torch.float64 if param.dtype == torch.float64 else torch.float32
+        acc = opmath_dtype(param.dtype)
         grad = grads[i]
         sparse = grad.is_sparse
         step = state_steps[i].to(torch.float64) + 1

@@ -33,6 +33,7 @@ from typing import List  # schemas: torch < 2.7 cannot read list[Tensor]
 import torch
 from torch import Tensor
 
+from .._dtypes import opmath_dtype
 from ._low_precision import committer, learning_rate_value, math_grad, store_param
 from ._multi_tensor import (check_quantized_layouts, group_by_device_and_dtype, learning_rate, make_dense, on_device,
                             present_or_empty)
@@ -59,7 +60,7 @@ def adam_step_reference(
     lr = learning_rate_value(lr, lr_tensor)
     # Every tensor is walked in memory order, the order of the int8 blocks and the random bits.
     for i, param in enumerate(params):
-        acc = torch.float64 if param.dtype == torch.float64 else torch.float32
+        acc = opmath_dtype(param.dtype)
 
         def coef(x):  # a double coefficient rounded once to the math dtype
             return x.to(acc) if isinstance(x, Tensor) else x

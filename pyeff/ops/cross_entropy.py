@@ -37,15 +37,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._dtypes import opmath_dtype
 from ._registry import Op
 
 CROSS_ENTROPY = Op("cross_entropy")
 
 REDUCTIONS = ("none", "mean", "sum")
-
-
-def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def check_targets(target: Tensor, num_classes: int, ignore_index: int) -> None:
@@ -72,6 +69,17 @@ def reduce_rows(rows: Tensor, reduction: str, total: Tensor | None) -> Tensor:
     return rows.sum() / total if reduction == "mean" else rows.sum()
 
 
+def reduction_scale(target: Tensor, weight: Tensor | None, ignore_index: int, reduction: str,
+                    acc: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
+    """(total weight, gradient scale) of a reduction, for reduce_rows and the row kernels: for 'mean'
+    the total and 1 / total (a 0-d `acc` tensor, left on the device: inf when every row is ignored,
+    and then applied to none), else (None, None), a scale of 1."""
+    if reduction != "mean":
+        return None, None
+    total = total_weight(target, weight, ignore_index, acc)
+    return total, 1 / total
+
+
 @CROSS_ENTROPY.reference
 def cross_entropy_reference(logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
                             label_smoothing: float, reduction: str, with_grad: bool) -> tuple[Tensor, Tensor]:
@@ -89,40 +97,45 @@ def cross_entropy_reference(logits: Tensor, target: Tensor, weight: Tensor | Non
     if eps > 0:
         rows = rows + eps / c * -(logp * w).sum(1)
     rows = torch.where(valid, rows, 0)
-    total = torch.where(valid, w_t, 0).sum()
+    total, scale = reduction_scale(target, weight, ignore_index, reduction, acc)
     loss = reduce_rows(rows, reduction, total)
     if not with_grad:
         return loss, logits.new_empty((0,))
-    scale = 1 / total if reduction == "mean" else torch.ones((), dtype=acc, device=x.device)
     g = logp.exp() * ((1 - eps) * w_t + eps * w.sum() / c)[:, None] - eps / c * w
     g = g - torch.nn.functional.one_hot(t, c).to(acc) * ((1 - eps) * w_t)[:, None]
-    g = g * torch.where(valid, scale, 0)[:, None]
+    g = g * torch.where(valid, 1 if scale is None else scale, 0)[:, None]
     return loss, g.to(logits.dtype)
+
+
+def _rows_then_reduce(rows_kernel, logits, target, weight, ignore_index, label_smoothing, reduction, with_grad):
+    """The backends: per-row losses and the scaled gradient from `rows_kernel` (the signature of
+    kernels/cross_entropy.cross_entropy_rows), then the reduction."""
+    total, scale = reduction_scale(target, weight, ignore_index, reduction, opmath_dtype(logits.dtype))
+    rows = logits.new_empty((logits.shape[0],), dtype=opmath_dtype(logits.dtype))
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if with_grad else None
+    rows_kernel(logits, target, weight, ignore_index, label_smoothing, scale, rows, grad)
+    return reduce_rows(rows, reduction, total), grad if grad is not None else logits.new_empty((0,))
+
+
+def _cpu_rows(logits, target, weight, ignore_index, label_smoothing, grad_scale, rows, grad):
+    torch.ops.pyeff.cross_entropy_rows_cpu(logits, target, weight, ignore_index, label_smoothing,
+                                           1.0 if grad_scale is None else float(grad_scale), rows, grad)
 
 
 @CROSS_ENTROPY.impl("cpu")
 def cross_entropy_cpu(logits, target, weight, ignore_index, label_smoothing, reduction, with_grad):
-    n = logits.shape[0]
-    loss = logits.new_empty((n,) if reduction == "none" else (), dtype=opmath_dtype(logits.dtype))
-    grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if with_grad else None
-    torch.ops.pyeff.cross_entropy_cpu(logits, target, weight, ignore_index, label_smoothing, reduction, loss, grad)
-    return loss, grad if grad is not None else logits.new_empty((0,))
+    check_targets(target, logits.shape[1], ignore_index)  # before the total weight indexes with them
+    return _rows_then_reduce(_cpu_rows, logits, target, weight, ignore_index, label_smoothing, reduction, with_grad)
 
 
 @CROSS_ENTROPY.impl("triton")
 def cross_entropy_triton(logits, target, weight, ignore_index, label_smoothing, reduction, with_grad):
     from pyeff.kernels.cross_entropy import cross_entropy_rows
 
-    acc = opmath_dtype(logits.dtype)
     if logits.device.type == "cpu":  # the interpreter; on a GPU the kernel marks a bad row NaN (no sync)
         check_targets(target, logits.shape[1], ignore_index)
-    total = total_weight(target, weight, ignore_index, acc) if reduction == "mean" else None
-    rows = logits.new_empty((logits.shape[0],), dtype=acc)
-    grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if with_grad else None
-    # the scale is read on the device: inf when every row is ignored, and then applied to none
-    cross_entropy_rows(logits, target, weight, ignore_index, label_smoothing, 1 / total if total is not None else None,
-                       rows, grad)
-    return reduce_rows(rows, reduction, total), grad if grad is not None else logits.new_empty((0,))
+    return _rows_then_reduce(cross_entropy_rows, logits, target, weight, ignore_index, label_smoothing, reduction,
+                             with_grad)
 
 
 @CROSS_ENTROPY.fake

@@ -34,9 +34,9 @@ import math
 import torch
 from torch import Tensor
 
+from .._dtypes import opmath_dtype
 from ._registry import Op
-from .cross_entropy import (REDUCTIONS, check_targets, cross_entropy_reference, opmath_dtype, reduce_rows,
-                            total_weight)
+from .cross_entropy import REDUCTIONS, check_targets, cross_entropy_reference, reduce_rows, reduction_scale
 
 LINEAR_CROSS_ENTROPY = Op("linear_cross_entropy")
 
@@ -77,8 +77,8 @@ def linear_cross_entropy_cpu(hidden, weight, target, bias, ignore_index, label_s
     chunk_size = chunk_size or default_chunk_size(n, h, v)
     dtype, acc, device = hidden.dtype, opmath_dtype(hidden.dtype), hidden.device
     check_targets(target, v, ignore_index)
-    total = total_weight(target, None, ignore_index, acc)
-    scale = 1 / total if reduction == "mean" else torch.ones((), dtype=acc, device=device)  # inf: all ignored
+    total, scale = reduction_scale(target, None, ignore_index, reduction, acc)
+    scale = 1.0 if scale is None else float(scale)
     with_grad = grad_hidden or grad_weight or grad_bias
     row_losses = torch.empty((n,), dtype=acc, device=device)
     empty = hidden.new_empty((0,))
@@ -93,7 +93,7 @@ def linear_cross_entropy_cpu(hidden, weight, target, bias, ignore_index, label_s
         # The chunk's logits are ours: the gradient overwrites them when it has their dtype.
         g = None if not with_grad else logits if dtype == acc else torch.empty((r1 - r0, v), dtype=acc, device=device)
         torch.ops.pyeff.cross_entropy_rows_cpu(logits, target[r0:r1], None, ignore_index, label_smoothing,
-                                               float(scale), row_losses[r0:r1], g)
+                                               scale, row_losses[r0:r1], g)
         if grad_hidden:
             torch.mm(g.to(dtype), weight, out=gh[r0:r1])
         if grad_weight:
@@ -114,10 +114,9 @@ def linear_cross_entropy_triton(hidden, weight, target, bias, ignore_index, labe
     acc = opmath_dtype(hidden.dtype)
     if hidden.device.type == "cpu":  # the interpreter; on a GPU the kernel marks a bad row NaN (no sync)
         check_targets(target, weight.shape[0], ignore_index)
-    total = total_weight(target, None, ignore_index, acc) if reduction == "mean" else None
-    # the scale is read on the device: inf when every row is ignored, and then applied to none
+    total, scale = reduction_scale(target, None, ignore_index, reduction, acc)
     rows, gh, gw, gb = chunked(hidden, weight, target, bias, ignore_index, label_smoothing, chunk_size or None,
-                               grad_hidden, grad_weight, grad_bias, 1 / total if total is not None else None)
+                               grad_hidden, grad_weight, grad_bias, scale)
     return reduce_rows(rows, reduction, total), gh, gw, gb
 
 

@@ -39,21 +39,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._dtypes import opmath_dtype
 from ._registry import Op
 
 NORM_FORWARD = Op("norm_forward")
 NORM_BACKWARD = Op("norm_backward")
 
 
-def stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the statistics and of the math: float64 for float64 input, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @NORM_FORWARD.reference
 def norm_forward_reference(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
                            eps: float, rms: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    acc = stat_dtype(x.dtype)
+    acc = opmath_dtype(x.dtype)
     if residual is not None:
         h_out = x + residual
         h = h_out.to(acc)
@@ -81,7 +77,7 @@ def norm_forward_reference(x: Tensor, residual: Tensor | None, weight: Tensor | 
 def norm_backward_reference(dy: Tensor, dh: Tensor | None, h: Tensor, weight: Tensor | None, mean: Tensor,
                             rstd: Tensor, rms: bool, weight_grad: bool,
                             bias_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
-    acc = stat_dtype(h.dtype)
+    acc = opmath_dtype(h.dtype)
     n = h.shape[1]
     d = dy.to(acc)
     xhat = h.to(acc) if rms else h.to(acc) - mean[:, None]
@@ -115,14 +111,14 @@ def norm_backward_triton(dy, dh, h, weight, mean, rstd, rms, weight_grad, bias_g
 
 @NORM_FORWARD.fake
 def _(x, residual, weight, bias, eps, rms):
-    stats = x.new_empty(x.shape[0], dtype=stat_dtype(x.dtype))
+    stats = x.new_empty(x.shape[0], dtype=opmath_dtype(x.dtype))
     return (torch.empty_like(x), torch.empty_like(x) if residual is not None else x.new_empty(0),
             stats.new_empty(0) if rms else torch.empty_like(stats), stats)
 
 
 @NORM_BACKWARD.fake
 def _(dy, dh, h, weight, mean, rstd, rms, weight_grad, bias_grad):
-    param_dtype = weight.dtype if weight is not None else stat_dtype(h.dtype)
+    param_dtype = weight.dtype if weight is not None else opmath_dtype(h.dtype)
     n = h.shape[1]
     return (torch.empty_like(h), h.new_empty(n if weight_grad else 0, dtype=param_dtype),
             h.new_empty(n if bias_grad else 0, dtype=param_dtype))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._dtypes import opmath_dtype
 from ._registry import Op
 from .grad_stats import grad_stats_reference
 
@@ -24,7 +25,7 @@ _SINGLE_OR_LOW = (torch.float32, torch.bfloat16, torch.float16)
 
 @SCALE_GRAD_STATS.reference
 def scale_grad_stats_reference(src: Tensor, dst: Tensor, scale: float, out: Tensor) -> None:
-    acc = torch.float64 if src.dtype == torch.float64 else torch.float32
+    acc = opmath_dtype(src.dtype)
     dst.copy_((src.to(acc) * scale).view(dst.shape))
     grad_stats_reference([dst], out)
 

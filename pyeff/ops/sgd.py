@@ -31,6 +31,7 @@ from typing import List  # schemas: torch < 2.7 cannot read list[Tensor]
 import torch
 from torch import Tensor
 
+from .._dtypes import opmath_dtype
 from ._low_precision import committer, learning_rate_value, math_grad, store_param
 from ._multi_tensor import group_by_device_and_dtype, learning_rate, make_dense, on_device, present_or_empty
 from ._registry import Op
@@ -50,7 +51,7 @@ def sgd_step_reference(
     lr = learning_rate_value(lr, lr_tensor)
     neg_lr = -lr  # param.add_(grad, alpha=-lr): a double, rounded once to the math dtype below
     for i, param in enumerate(params):
-        acc = torch.float64 if param.dtype == torch.float64 else torch.float32
+        acc = opmath_dtype(param.dtype)
         p = (master_params[i] if master_params else param).to(acc, copy=True)
         g = math_grad(grads[i], acc, grad_mult, maximize)  # grad = -grad if maximize
         if weight_decay != 0:

@@ -51,13 +51,16 @@ class _StepBuffers:
 
 class FusedOptimizer(Optimizer):
     """Base of pyeff.optim's optimizers. Subclasses name the argument lists of their op (`_LISTS`),
-    and implement `_init_group` (lazy state; fills those lists, as torch.optim's `_init_group` does,
-    so that torch.compile runs it once and guards on the state) and `_update` (one op call per group)."""
+    and implement `_init_param` (lazy state of one parameter, appended to those lists by
+    `_init_group`, as torch.optim's `_init_group` does, so that torch.compile runs it once and guards
+    on the state) and `_fused_update`/`_differentiable_update` (one call per group)."""
 
     _step_supports_amp_scaling = True
     _supports_sparse_grads = False
     _LISTS: tuple[str, ...] = ()
     _MOMENTS: tuple[tuple[str, bool], ...] = ()  # (state key, signed) of the moments (NOTE [state formats])
+    # Group keys that older checkpoints may lack, with the values torch.optim's __setstate__ gives them.
+    _GROUP_DEFAULTS: dict[str, object] = {}
 
     def __init__(self, params, defaults: dict, *, max_grad_norm: float | None, backend: str | None):
         if max_grad_norm is not None and not max_grad_norm > 0:
@@ -67,8 +70,7 @@ class FusedOptimizer(Optimizer):
         if defaults.get("master_weights") and defaults.get("kahan_summation"):
             raise RuntimeError("`master_weights` and `kahan_summation` cannot both be True: use fp32 master "
                                "weights, or compensated summation without them")
-        if defaults.get("differentiable") and (defaults.get("master_weights") or defaults.get("kahan_summation")):
-            raise RuntimeError("`differentiable` does not support `master_weights` or `kahan_summation`")
+        _check_differentiable(defaults)
         _state.check_state_args(defaults.get("state_dtype"), defaults.get("stochastic_rounding"),
                                 defaults.get("differentiable"))
         if defaults.get("stochastic_rounding") and defaults.get("seed") is None:
@@ -104,6 +106,8 @@ class FusedOptimizer(Optimizer):
         self.__dict__.setdefault("_last_step", {})
         self.__dict__.setdefault("grad_stats_provider", None)
         for group in self.param_groups:
+            for key, value in self._GROUP_DEFAULTS.items():
+                group.setdefault(key, value)
             group.setdefault("master_weights", False)
             group.setdefault("kahan_summation", False)
             if "state_dtype" in self.defaults:  # optimizers with compressed state (not SGD)
@@ -146,8 +150,23 @@ class FusedOptimizer(Optimizer):
     # -- subclass interface
     def _init_group(self, group: dict, *lists: list) -> bool:
         """Create missing state and append each parameter with a gradient to `lists` (in `_LISTS`
-        order: None where a parameter has no such state), then call _init_buffers(lists[0]).
-        Returns whether any parameter is complex."""
+        order: None where a parameter has no such state) through _init_param; then the group's
+        random seeds (optimizers with a "rng_seeds" list) and its step buffers. Returns whether any
+        parameter is complex."""
+        named = dict(zip(self._LISTS, lists))
+        has_complex = False
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            has_complex |= torch.is_complex(p)
+            self._init_param(group, p, named)
+        if "rng_seeds" in named:
+            named["rng_seeds"] += _state.rng_seeds(self, group, named["params"])
+        self._init_buffers(named["params"])
+        return has_complex
+
+    def _init_param(self, group: dict, p: Tensor, lists: dict[str, list]) -> None:
+        """One parameter with a gradient: create its missing state and append it to `lists`."""
         raise NotImplementedError
 
     def _init_buffers(self, params: list[Tensor]) -> None:
@@ -176,7 +195,9 @@ class FusedOptimizer(Optimizer):
         self._fused_update(group, lists, grad_mult, found_inf)
 
     def _validate_group(self, group: dict) -> None:
-        """Hyper-parameter checks repeated at every step (groups can be edited after construction)."""
+        """Hyper-parameter checks repeated at every step (groups can be edited after construction);
+        subclasses add theirs to this one."""
+        _check_differentiable(group)
 
     # -- the step
     def _check_inputs(self) -> None:
@@ -277,6 +298,11 @@ class FusedOptimizer(Optimizer):
         return _state.torch_state_dict(self, self._MOMENTS)
 
 
+def _check_differentiable(group: dict) -> None:
+    if group.get("differentiable") and (group.get("master_weights") or group.get("kahan_summation")):
+        raise RuntimeError("`differentiable` does not support `master_weights` or `kahan_summation`")
+
+
 def low_precision_mode(group: dict, p: Tensor) -> str:
     """'master', 'kahan' or 'plain' for parameter p; see NOTE [low-precision parameter modes]."""
     if p.dtype in LOW_PRECISION:
@@ -304,7 +330,7 @@ def init_low_precision_state(group: dict, p: Tensor, state: dict, moment_keys: t
 
 def append_step_and_low_precision(state: dict, p: Tensor, mode: str, state_steps: list, master_params: list,
                                   compensations: list) -> None:
-    """The end of a parameter's _init_group: its step count, on its device (a torch.optim checkpoint
+    """The end of a parameter's _init_param: its step count, on its device (a torch.optim checkpoint
     may keep it on the CPU; the kernels read and increment it on the device, without a sync), and
     its master weight and compensation buffer (None where its mode has none)."""
     if state["step"].device != p.device:

@@ -74,6 +74,7 @@ class Adagrad(FusedOptimizer):
     _LISTS = ("params", "grads", "state_sums", "state_steps", "master_params", "compensations", "state_sum_absmaxes",
               "rng_seeds")
     _MOMENTS = (("sum", False),)
+    _GROUP_DEFAULTS = {"foreach": None, "maximize": False, "differentiable": False, "fused": None}
 
     def __init__(
         self,
@@ -120,14 +121,6 @@ class Adagrad(FusedOptimizer):
             for p in group["params"]:
                 self._init_state(group, p, initial_accumulator_value)
 
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("foreach", None)
-            group.setdefault("maximize", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("fused", None)
-
     def share_memory(self) -> None:
         """Calls tensor.share_memory_() on the state sum tensors."""
         for group in self.param_groups:
@@ -143,10 +136,9 @@ class Adagrad(FusedOptimizer):
             init_low_precision_state(group, p, state, ("sum",))
 
     def _validate_group(self, group):
+        super()._validate_group(group)
         _check_hyperparameters(group["lr"], group["lr_decay"], group["weight_decay"],
                                group.get("initial_accumulator_value", 0), group["eps"])
-        if group["differentiable"] and (group["master_weights"] or group["kahan_summation"]):
-            raise RuntimeError("`differentiable` does not support `master_weights` or `kahan_summation`")
         _state.check_group(group)
 
     def _check_inputs(self):
@@ -165,27 +157,18 @@ class Adagrad(FusedOptimizer):
                                        "fused step; use torch.optim.Adagrad for them")
                 check_sparse_indices(p.grad, "Adagrad")
 
-    def _init_group(self, group, params, grads, state_sums, state_steps, master_params, compensations,
-                    state_sum_absmaxes, rng_seeds):
-        has_complex = False
-        for p in group["params"]:
-            grad = p.grad
-            if grad is None:
-                continue
-            has_complex |= torch.is_complex(p)
-            state = self.state[p]
-            if not state:
-                self._init_state(group, p, self.defaults["initial_accumulator_value"])
-            mode = init_low_precision_state(group, p, state, ("sum",)) if p.dtype in LOW_PRECISION else "plain"
-            params.append(p)
-            # A sparse gradient is coalesced once here: the overflow/norm pass and the update share it.
-            grads.append(grad.coalesce() if grad.is_sparse else grad)
-            state_sums.append(state["sum"])
-            append_step_and_low_precision(state, p, mode, state_steps, master_params, compensations)
-            state_sum_absmaxes.append(state.get("sum_absmax"))
-        rng_seeds += _state.rng_seeds(self, group, params)
-        self._init_buffers(params)
-        return has_complex
+    def _init_param(self, group, p, lists):
+        state = self.state[p]
+        if not state:
+            self._init_state(group, p, self.defaults["initial_accumulator_value"])
+        mode = init_low_precision_state(group, p, state, ("sum",)) if p.dtype in LOW_PRECISION else "plain"
+        lists["params"].append(p)
+        # A sparse gradient is coalesced once here: the overflow/norm pass and the update share it.
+        lists["grads"].append(p.grad.coalesce() if p.grad.is_sparse else p.grad)
+        lists["state_sums"].append(state["sum"])
+        append_step_and_low_precision(state, p, mode, lists["state_steps"], lists["master_params"],
+                                      lists["compensations"])
+        lists["state_sum_absmaxes"].append(state.get("sum_absmax"))
 
     def _fused_update(self, group, lists, grad_mult, found_inf):
         adagrad_step(

@@ -58,6 +58,8 @@ class Adam(FusedOptimizer):
     _LISTS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps", "master_params",
               "compensations", "exp_avg_absmaxes", "exp_avg_sq_absmaxes", "max_exp_avg_sq_absmaxes", "rng_seeds")
     _MOMENTS = (("exp_avg", True), ("exp_avg_sq", False), ("max_exp_avg_sq", False))
+    _GROUP_DEFAULTS = {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False,
+                       "differentiable": False, "decoupled_weight_decay": False, "fused": None}
 
     def __init__(
         self,
@@ -119,55 +121,35 @@ class Adam(FusedOptimizer):
         }
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, backend=backend)
 
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("amsgrad", False)
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("capturable", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("decoupled_weight_decay", False)
-            group.setdefault("fused", None)
-
     def _validate_group(self, group):
+        super()._validate_group(group)
         _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
-        if group["differentiable"] and (group["master_weights"] or group["kahan_summation"]):
-            raise RuntimeError("`differentiable` does not support `master_weights` or `kahan_summation`")
         _state.check_group(group)
 
-    def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, master_params,
-                    compensations, exp_avg_absmaxes, exp_avg_sq_absmaxes, max_exp_avg_sq_absmaxes, rng_seeds):
-        has_complex = False
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            has_complex |= torch.is_complex(p)
-            state = self.state[p]
-            if not state or (group["amsgrad"] and "max_exp_avg_sq" not in state):
-                fmt = _state.moment_format(group, p, low_precision_mode(group, p) == "master")
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                    _state.new_moment(state, "exp_avg", True, p, fmt)
-                    _state.new_moment(state, "exp_avg_sq", False, p, fmt)
-                if group["amsgrad"] and "max_exp_avg_sq" not in state:
-                    _state.new_moment(state, "max_exp_avg_sq", False, p, fmt)
-            mode = init_low_precision_state(group, p, state, _MOMENT_KEYS) if p.dtype in LOW_PRECISION else "plain"
-            if group["differentiable"] and state["step"].requires_grad:
-                raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")
-            params.append(p)
-            grads.append(p.grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            if group["amsgrad"]:
-                max_exp_avg_sqs.append(state["max_exp_avg_sq"])
-                max_exp_avg_sq_absmaxes.append(state.get("max_exp_avg_sq_absmax"))
-            append_step_and_low_precision(state, p, mode, state_steps, master_params, compensations)
-            exp_avg_absmaxes.append(state.get("exp_avg_absmax"))
-            exp_avg_sq_absmaxes.append(state.get("exp_avg_sq_absmax"))
-        rng_seeds += _state.rng_seeds(self, group, params)
-        self._init_buffers(params)
-        return has_complex
+    def _init_param(self, group, p, lists):
+        state = self.state[p]
+        if not state or (group["amsgrad"] and "max_exp_avg_sq" not in state):
+            fmt = _state.moment_format(group, p, low_precision_mode(group, p) == "master")
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                _state.new_moment(state, "exp_avg", True, p, fmt)
+                _state.new_moment(state, "exp_avg_sq", False, p, fmt)
+            if group["amsgrad"] and "max_exp_avg_sq" not in state:
+                _state.new_moment(state, "max_exp_avg_sq", False, p, fmt)
+        mode = init_low_precision_state(group, p, state, _MOMENT_KEYS) if p.dtype in LOW_PRECISION else "plain"
+        if group["differentiable"] and state["step"].requires_grad:
+            raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")
+        lists["params"].append(p)
+        lists["grads"].append(p.grad)
+        lists["exp_avgs"].append(state["exp_avg"])
+        lists["exp_avg_sqs"].append(state["exp_avg_sq"])
+        if group["amsgrad"]:
+            lists["max_exp_avg_sqs"].append(state["max_exp_avg_sq"])
+            lists["max_exp_avg_sq_absmaxes"].append(state.get("max_exp_avg_sq_absmax"))
+        append_step_and_low_precision(state, p, mode, lists["state_steps"], lists["master_params"],
+                                      lists["compensations"])
+        lists["exp_avg_absmaxes"].append(state.get("exp_avg_absmax"))
+        lists["exp_avg_sq_absmaxes"].append(state.get("exp_avg_sq_absmax"))
 
     def _fused_update(self, group, lists, grad_mult, found_inf):
         beta1, beta2 = (b.item() if isinstance(b, Tensor) else b for b in group["betas"])

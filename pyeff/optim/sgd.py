@@ -52,6 +52,7 @@ class SGD(FusedOptimizer):
     _supports_sparse_grads = True  # checked per group in _check_inputs: torch's own step takes them
     _LISTS = ("params", "grads", "momentum_buffers", "is_first_step", "master_params", "compensations")
     _MOMENTS = (("momentum_buffer", True),)  # checkpoints: kept in fp32 beside master weights
+    _GROUP_DEFAULTS = {"nesterov": False, "maximize": False, "foreach": None, "differentiable": False, "fused": False}
 
     def __init__(
         self,
@@ -87,20 +88,10 @@ class SGD(FusedOptimizer):
         }
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, backend=backend)
 
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("nesterov", False)
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("differentiable", False)
-            group.setdefault("fused", False)
-
     def _validate_group(self, group):
+        super()._validate_group(group)
         _check_hyperparameters(group["lr"], group["momentum"], group["dampening"], group["weight_decay"],
                                group["nesterov"])
-        if group["differentiable"] and (group["master_weights"] or group["kahan_summation"]):
-            raise RuntimeError("`differentiable` does not support `master_weights` or `kahan_summation`")
 
     def _check_inputs(self):
         super()._check_inputs()
@@ -112,31 +103,23 @@ class SGD(FusedOptimizer):
                     raise RuntimeError("SGD: sparse gradients are not supported by the fused step (nor by "
                                        "torch.optim.SGD's `fused=True`); use torch.optim.SGD for them")
 
-    def _init_group(self, group, params, grads, momentum_buffers, is_first_step, master_params, compensations):
-        has_complex = False
-        with_momentum = group["momentum"] != 0
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            has_complex |= torch.is_complex(p)
-            mode = low_precision_mode(group, p) if p.dtype in LOW_PRECISION else "plain"
-            # torch.optim.SGD creates no state entry until it has a momentum buffer to keep.
-            state = self.state[p] if mode != "plain" else self.state.get(p, {})
-            if mode != "plain":
-                init_low_precision_state(group, p, state, ("momentum_buffer",))
-            params.append(p)
-            grads.append(p.grad)
-            if with_momentum:
-                buf = state.get("momentum_buffer")  # None in checkpoints of torch < 2.2 without momentum
-                is_first_step.append(buf is None)
-                if buf is None:  # written by the step; kept in state by _update unless the step is skipped
-                    buf = torch.empty_like(p, dtype=torch.float32 if mode == "master" else p.dtype,
-                                           memory_format=torch.preserve_format)
-                momentum_buffers.append(buf)
-            master_params.append(state["master_param"] if mode == "master" else None)
-            compensations.append(state["compensation"] if mode == "kahan" else None)
-        self._init_buffers(params)
-        return has_complex
+    def _init_param(self, group, p, lists):
+        mode = low_precision_mode(group, p) if p.dtype in LOW_PRECISION else "plain"
+        # torch.optim.SGD creates no state entry until it has a momentum buffer to keep.
+        state = self.state[p] if mode != "plain" else self.state.get(p, {})
+        if mode != "plain":
+            init_low_precision_state(group, p, state, ("momentum_buffer",))
+        lists["params"].append(p)
+        lists["grads"].append(p.grad)
+        if group["momentum"] != 0:
+            buf = state.get("momentum_buffer")  # None in checkpoints of torch < 2.2 without momentum
+            lists["is_first_step"].append(buf is None)
+            if buf is None:  # written by the step; kept in state by _update unless the step is skipped
+                buf = torch.empty_like(p, dtype=torch.float32 if mode == "master" else p.dtype,
+                                       memory_format=torch.preserve_format)
+            lists["momentum_buffers"].append(buf)
+        lists["master_params"].append(state["master_param"] if mode == "master" else None)
+        lists["compensations"].append(state["compensation"] if mode == "kahan" else None)
 
     def _fused_update(self, group, lists, grad_mult, found_inf):
         sgd_step(

@@ -55,6 +55,81 @@ void adam_span(const AdamArgs& a, const AdamTensor& t, int64_t lo, int64_t hi) {
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// int8 moments rounded to nearest: adam_runs with the codes decoded straight into the vector body
+// and each block's absmax gathered there, so that the codec's integer work runs beside the
+// divisions and square roots of the update rather than in passes of its own. Same values as
+// adam_runs: only the order of independent loads and of an exact maximum differs.
+template <typename P, typename G, PrecisionMode MODE>
+void adam_q8_blocks(const AdamArgs& a, const AdamTensor& t, int64_t lo, int64_t hi) {
+  using V = Vectorized<float>;
+  constexpr int64_t kLanes = V::size();
+  constexpr int64_t kBlock = block_size<float>();
+  static_assert(kLanes == kQ8Lanes && kBlock == 2 * kLanes);
+  const ParamIo<P, MODE> param{static_cast<P*>(t.param), t.master, static_cast<P*>(t.compensation)};
+  auto* grad = static_cast<const G*>(t.grad);
+  const MomentRun<Q8, true> exp_avg{t.exp_avg, t.exp_avg_absmax};
+  const MomentRun<Q8, false> exp_avg_sq{t.exp_avg_sq, t.exp_avg_sq_absmax};
+  const MomentRun<Q8, false> max_sq{t.max_exp_avg_sq, t.max_exp_avg_sq_absmax};
+  const auto cs = adam_coef<float, float>(a.hyper, a.lr, t.step, float(a.grad_mult));
+  const auto cv = adam_coef<V, float>(a.hyper, a.lr, t.step, float(a.grad_mult));
+  const bool amsgrad = a.hyper.amsgrad;
+
+  alignas(64) float m[kQuantBlock], v[kQuantBlock], x[kQuantBlock];
+  block_aligned<Q8>(lo, hi, t.numel);
+  for (int64_t at = lo; at < hi; at += kQuantBlock) {
+    const int64_t n = std::min(kQuantBlock, hi - at), b = at / kQuantBlock;
+    const auto* cm = static_cast<const uint8_t*>(t.exp_avg) + at;
+    const auto* cv2 = static_cast<const uint8_t*>(t.exp_avg_sq) + at;
+    const auto* cx = amsgrad ? static_cast<const uint8_t*>(t.max_exp_avg_sq) + at : nullptr;
+    const float sm = t.exp_avg_absmax[b], sv = t.exp_avg_sq_absmax[b], sx = amsgrad ? t.max_exp_avg_sq_absmax[b] : 0.f;
+    const Q8F vsm = q8_setf(sm), vsv = q8_setf(sv), vsx = q8_setf(sx);
+    Q8I lm = q8_zero(), lv = q8_zero(), lx = q8_zero();
+    int64_t k = 0;
+    for (; k + kBlock <= n; k += kBlock) {
+      V p[2], g[2], mv[2], vv[2], xv[2];
+      param.load(at + k, p[0], p[1]);
+      Io<G>::load(grad + at + k, g[0], g[1]);
+      for (int j = 0; j < 2; ++j) {
+        mv[j] = q8_mul(q8_decode<true>(cm + k + j * kLanes), vsm);
+        vv[j] = q8_mul(q8_decode<false>(cv2 + k + j * kLanes), vsv);
+        if (amsgrad) xv[j] = q8_mul(q8_decode<false>(cx + k + j * kLanes), vsx);
+      }
+      const V old[2] = {p[0], p[1]};
+      for (int j = 0; j < 2; ++j) adam_math(a.hyper, cv, p[j], g[j], mv[j], vv[j], xv[j]);
+      for (int j = 0; j < 2; ++j) {
+        q8_storef(m + k + j * kLanes, mv[j]);
+        q8_storef(v + k + j * kLanes, vv[j]);
+        lm = q8_max_finite(lm, mv[j]);
+        lv = q8_max_finite(lv, vv[j]);
+        if (amsgrad) {
+          q8_storef(x + k + j * kLanes, xv[j]);
+          lx = q8_max_finite(lx, xv[j]);
+        }
+      }
+      param.store(at + k, p, old);
+    }
+    const int64_t tail = k;
+    for (; k < n; ++k) {
+      float p = param.load1(at + k);
+      const float old = p;
+      m[k] = decode_code<true>(cm[k]) * sm;
+      v[k] = decode_code<false>(cv2[k]) * sv;
+      x[k] = amsgrad ? decode_code<false>(cx[k]) * sx : 0.f;
+      adam_math(a.hyper, cs, p, float(Io<G>::load1(grad + at + k)), m[k], v[k], x[k]);
+      param.store1(at + k, p, old);
+    }
+    auto largest = [&](Q8I acc, const float* in) {
+      const int32_t l = tail > 0 ? q8_reduce_max(acc) : 0, r = q8_largest(in + tail, n - tail);
+      return l > r ? l : r;
+    };
+    exp_avg.store_codes(at, n, m, largest(lm, m), nullptr, 0);
+    exp_avg_sq.store_codes(at, n, v, largest(lv, v), nullptr, 0);
+    if (amsgrad) max_sq.store_codes(at, n, x, largest(lx, x), nullptr, 0);
+  }
+}
+#endif
+
 // The run path: runs of up to kQuantBlock elements (whole blocks for Q8) loaded into fp32 arrays,
 // updated with the same vector body and scalar tail, and stored: moments as codes or rounded
 // stochastically (random word 0: exp_avg, exp_avg_sq; word 1: max_exp_avg_sq, the parameter).
@@ -72,6 +147,11 @@ void adam_runs(const AdamArgs& a, const AdamTensor& t, int64_t lo, int64_t hi) {
   const bool amsgrad = a.hyper.amsgrad;
   const bool sr = a.stochastic;
   const bool sr_param = sr && std::is_same_v<P, c10::BFloat16> && MODE == PrecisionMode::PLAIN;
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<M, Q8>) {
+    if (!sr) return adam_q8_blocks<P, G, MODE>(a, t, lo, hi);
+  }
+#endif
   const auto step = static_cast<int64_t>(t.step);
   const RandomKey key0 = random_key(t.seed, step, 0), key1 = random_key(t.seed, step, 1);
 

@@ -2,10 +2,11 @@
 // The CPU optimizer kernels' path for compressed state (NOTE [compressed optimizer state],
 // csrc/state_codec.h) and stochastic rounding (NOTE [random bits]): a run of up to kQuantBlock
 // elements is loaded into fp32 arrays on the stack, updated by the op's vector math, and stored
-// again, all in one pass over memory. The loops below call the scalar host-device functions of
-// state_codec.h / random_bits.h, which the compiler vectorises (integer and IEEE fp32 operations
-// only, no FMA contraction: every lane computes what the scalar code computes, so the bits are
-// those of the CUDA and Triton kernels and of the reference).
+// again, all in one pass over memory. The int8 codes go through the AVX-512 / AVX2 loops of
+// cpu/state_codec_vec.h; the other loops call the scalar host-device functions of state_codec.h /
+// random_bits.h, which the compiler vectorises (integer and IEEE fp32 operations only, no FMA
+// contraction: every lane computes what the scalar code computes, so the bits are those of the
+// CUDA and Triton kernels and of the reference).
 #ifndef CPU_CAPABILITY
 #error "state_io.h is for csrc/cpu/*_kernel.cpp, which setup.py compiles once per ISA"
 #endif
@@ -19,6 +20,7 @@
 #include <type_traits>
 
 #include "optimizer_types.h"
+#include "cpu/state_codec_vec.h"
 #include "random_bits.h"
 #include "state_codec.h"
 
@@ -39,9 +41,7 @@ struct MomentRun {
 
   void load(int64_t at, int64_t n, float* out) const {
     if constexpr (std::is_same_v<M, Q8>) {
-      const auto* codes = static_cast<const uint8_t*>(data) + at;
-      const float scale = absmax[at / kQuantBlock];
-      for (int64_t k = 0; k < n; ++k) out[k] = decode_code<SIGNED>(codes[k]) * scale;
+      q8_decode_run<SIGNED>(static_cast<const uint8_t*>(data) + at, absmax[at / kQuantBlock], n, out);
     } else {
       const M* src = static_cast<const M*>(data) + at;
       for (int64_t k = 0; k < n; ++k) out[k] = static_cast<float>(src[k]);
@@ -51,20 +51,7 @@ struct MomentRun {
   // `words` (null: round to nearest even) hold this slot's random bits at bit `shift`.
   void store(int64_t at, int64_t n, const float* in, const uint32_t* words, int shift) const {
     if constexpr (std::is_same_v<M, Q8>) {
-      int32_t largest = 0;  // the block's largest finite magnitude, as bits
-      for (int64_t k = 0; k < n; ++k) {
-        const int32_t a = finite_magnitude_bits(in[k]);
-        largest = a > largest ? a : largest;
-      }
-      const float scale = block_absmax(bits_float(static_cast<uint32_t>(largest)));
-      const float inv = 1.0f / scale;
-      auto* codes = static_cast<uint8_t*>(data) + at;
-      if (words != nullptr) {
-        for (int64_t k = 0; k < n; ++k) codes[k] = encode<true>(in[k] * inv, (words[k] >> shift) & 0xFFFFu);
-      } else {
-        for (int64_t k = 0; k < n; ++k) codes[k] = encode<false>(in[k] * inv, 0);
-      }
-      absmax[at / kQuantBlock] = scale;
+      store_codes(at, n, in, q8_largest(in, n), words, shift);
     } else if constexpr (std::is_same_v<M, c10::BFloat16>) {
       auto* dst = static_cast<uint16_t*>(data) + at;
       if (words != nullptr) {
@@ -78,10 +65,18 @@ struct MomentRun {
     }
   }
 
- private:
-  template <bool STOCHASTIC>
-  static uint8_t encode(float x, uint32_t r16) {
-    return SIGNED ? encode_signed(x, r16, STOCHASTIC) : encode_unsigned(x, r16, STOCHASTIC);
+
+  // Q8: the block's codes and scale, `largest` = the largest finite_magnitude_bits of in[0, n).
+  void store_codes(int64_t at, int64_t n, const float* in, int32_t largest, const uint32_t* words, int shift) const {
+    const float scale = block_absmax(bits_float(static_cast<uint32_t>(largest)));
+    const float inv = 1.0f / scale;
+    auto* codes = static_cast<uint8_t*>(data) + at;
+    if (words != nullptr) {
+      q8_encode_run<SIGNED, true>(in, inv, n, words, shift, codes);
+    } else {
+      q8_encode_run<SIGNED, false>(in, inv, n, nullptr, 0, codes);
+    }
+    absmax[at / kQuantBlock] = scale;
   }
 };
 

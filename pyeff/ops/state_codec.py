@@ -53,7 +53,7 @@ def random_key(seed: int, step: Tensor, word: int) -> tuple[Tensor, Tensor]:
     """(k0, k1) of one word of one tensor; `step` (a tensor, on any device) is the step count after
     the increment."""
     lo, hi = seed & M32, (seed >> 32) & M32  # the two's complement halves of the int64 seed
-    k = mix32(torch.tensor(lo ^ 0x9E3779B9, dtype=torch.int64, device=step.device))
+    k = mix32(step.new_full((), lo ^ 0x9E3779B9, dtype=torch.int64))  # a fill on the device: no host copy
     k = mix32(k ^ hi)
     k = mix32(k ^ (step.to(torch.float64).to(torch.int64).reshape(()) & M32))
     k = mix32((k + word * 0x85EBCA6B) & M32)
@@ -204,7 +204,8 @@ def quantize_state_reference(x: Tensor, code: str, seed: Optional[int], step: in
         raise RuntimeError(f"quantize_state: expected a float32, bfloat16 or float16 tensor, got {x.dtype}")
     _check_dense("quantize_state", x, "x")
     flat = memory_order(x).to(torch.float32)
-    r16 = None if seed is None else slot_bits(seed, torch.tensor(step, device=x.device), slot, flat.numel())
+    r16 = None if seed is None else slot_bits(seed, torch.full((), step, dtype=torch.int64, device=x.device), slot,
+                                                  flat.numel())
     if code == "bfloat16":
         out = torch.empty_like(x, dtype=torch.bfloat16)
         store_memory_order(out, round_bf16(flat, r16))

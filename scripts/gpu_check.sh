@@ -6,8 +6,9 @@
 # its time. Wheels in .whl/ are installed first for packages the image lacks.
 #
 #   scripts/gpu_check.sh [quick|all|test|bench]
-#     quick (default): build for this GPU's architecture only, GPU tests, benchmarks in their quick
-#                      mode: under 8 minutes on one H200
+#     quick (default): build for this GPU's architecture only, the optimizer benchmark, the GPU
+#                      tests, the other GPU benchmarks in their quick mode: under 8 minutes on one H200
+#                      (each step stops after STEP_TIMEOUT seconds, default 300, so the later ones run)
 #     all: build for sm_80 and sm_90, the whole suite, the full benchmarks
 #     test / bench: one half of `all`
 #
@@ -24,11 +25,11 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --target /tmp/pyeff-site .whl/*.whl && export PYTHONPATH=/tmp/pyeff-site
 fi
 
-step() {  # step NAME CMD...: run, log to $OUT/NAME.log, print the rc, the time and the last lines
+step() {  # step NAME CMD...: run (at most STEP_TIMEOUT s), log to $OUT/NAME.log, print the rc, the time and the last lines
   local name=$1 t0=$SECONDS rc
   shift
   echo "== $name"
-  "$@" >"$OUT/$name.log" 2>&1
+  timeout "${STEP_TIMEOUT:-0}" "$@" >"$OUT/$name.log" 2>&1
   rc=$?
   echo "   rc=$rc ($((SECONDS - t0)) s)"
   tail -n 4 "$OUT/$name.log"
@@ -67,7 +68,7 @@ if ! $PY -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
 elif [ "$PHASE" = quick ]; then  # compile for the GPU at hand only: half the nvcc time
   export PYEFF_CUDA_ARCHS=${PYEFF_CUDA_ARCHS:-$($PY -c "import torch; print('%d%d' % torch.cuda.get_device_capability())")}
 fi
-[ "$PHASE" = quick ] && BENCH_ARGS="--quick ${BENCH_ARGS:-}"
+[ "$PHASE" = quick ] && BENCH_ARGS="--quick ${BENCH_ARGS:-}" && STEP_TIMEOUT=${STEP_TIMEOUT:-300}
 T0=$SECONDS
 if [ "$PHASE" != bench ] || ! $PY -c "import pyeff._C" 2>/dev/null; then
   if ! step build $PY -m pip install -v --no-build-isolation --no-deps -e .; then
@@ -81,11 +82,15 @@ if [ "$PHASE" = all ] || [ "$PHASE" = test ]; then
   PARALLEL=$($PY -c "import xdist" 2>/dev/null && echo "-n 14")
   step tests-cpu $PY -m pytest -q $PARALLEL -m "not gpu" tests/
 fi
+# The optimizer benchmark first: the figures the GPU kernels exist for, in minutes' time.
+if [ "$PHASE" != test ]; then
+  step bench-optim env TRITON_INTERPRET=0 $PY -m pyeff bench optim_gpu ${BENCH_ARGS:-} --out "$OUT/bench"
+fi
 if [ "$PHASE" != bench ]; then
-  step tests-gpu env TRITON_INTERPRET=0 $PY -m pytest -q -m gpu tests/
+  PER_TEST=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout=120")
+  step tests-gpu env TRITON_INTERPRET=0 $PY -m pytest -q -rfE $PER_TEST -m gpu tests/
 fi
 if [ "$PHASE" != test ]; then
-  step bench-optim env TRITON_INTERPRET=0 $PY -m pyeff bench optim_gpu optim_state ${BENCH_ARGS:-} --out "$OUT/bench"
-  step bench-layers env TRITON_INTERPRET=0 $PY -m pyeff bench gpu_layers gpu_pool ${BENCH_ARGS:-} --out "$OUT/bench"
+  step bench-more env TRITON_INTERPRET=0 $PY -m pyeff bench optim_state gpu_layers gpu_pool ${BENCH_ARGS:-} --out "$OUT/bench"
 fi
 echo "== total $((SECONDS - T0)) s"

@@ -18,15 +18,21 @@ Cases (parameters shaped like a transformer's, ~300 tensors; bench.model_like_si
 
 The ceiling of a case is a device-to-device copy of as many bytes as pyeff's step moves (half read,
 half written). Every contender works on the same parameters, gradients and state (one set of
-buffers per case); times are CUDA events around each step, contenders interleaved, medians and
-min-max over the rounds. `--quick` runs fewer rounds on the same sizes (the targets are stated
-for them) and sweeps the Triton kernel's block size and warps on the adamw case.
+buffers per case; each parameter and gradient its own allocation, as a model's are). A round
+times REPS steps back to back between two CUDA events, as a training loop runs them (the host
+queues the next step while the GPU works), contenders interleaved; the table gives medians and
+min-max over the rounds. The notes give, per contender, the host's time per step (`host_ms`: the
+Python and launch work; a step is host-bound where it exceeds the GPU's time) and the time of
+the step's GPU kernels alone, from the profiler (`kernel_ms`, `kernel_pct_ceiling`). `--quick`
+runs fewer rounds on the same sizes (the targets are stated for them) and sweeps the Triton
+kernel's block size and warps on the adamw case.
 
     python benchmarks/optim_gpu.py [--quick]     (also: pyeff bench optim_gpu)
 """
 
 from __future__ import annotations
 
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -44,8 +50,13 @@ COUNT = 300
 TORCH_PROVIDERS = ("torch_fused", "torch_foreach", "torch_composition")
 
 
-def timed_rounds(fns: dict, rounds: int, device: torch.device, warmup: int = 2) -> dict[str, list[float]]:
-    """Seconds per call of each contender, interleaved rounds; CUDA events on a GPU."""
+REPS = 5
+
+
+def timed_rounds(fns: dict, rounds: int, device: torch.device, warmup: int = 2,
+                 host: dict | None = None) -> dict[str, list[float]]:
+    """Seconds per call of each contender, interleaved rounds; on a GPU, REPS calls back to back
+    between CUDA events, and the host's seconds per call added to `host`."""
     if device.type != "cuda":
         return bench.interleaved(fns, rounds, device, warmup=warmup)
     times = {k: [] for k in fns}
@@ -54,13 +65,32 @@ def timed_rounds(fns: dict, rounds: int, device: torch.device, warmup: int = 2) 
         k = r % len(order)
         for name, fn in order[k:] + order[:k]:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
             start.record()
-            fn()
+            t0 = time.perf_counter()
+            for _ in range(REPS):
+                fn()
+            t1 = time.perf_counter()
             end.record()
             end.synchronize()
             if r >= warmup:
-                times[name].append(start.elapsed_time(end) / 1e3)
+                times[name].append(start.elapsed_time(end) / 1e3 / REPS)
+                if host is not None:
+                    host.setdefault(name, []).append((t1 - t0) / REPS)
     return times
+
+
+def kernel_seconds(fn, calls: int = 3) -> float:
+    """Seconds per call of the GPU kernels `fn` launches (the profiler's device time), host excluded."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(e.device_time for e in events) / 1e6 / calls
 
 
 def copy_ceiling(numel: int, bytes_per_param: int, device: torch.device):
@@ -75,9 +105,9 @@ def _params(sizes, device, dtype, seed=0, grad_scale=1.0):
     flat = torch.randn(sum(sizes), device=device, generator=g)
     grads = torch.randn(sum(sizes), device=device, generator=g) * grad_scale
     params, start = [], 0
-    for n in sizes:
-        p = torch.nn.Parameter(flat[start:start + n].to(dtype))
-        p.grad = grads[start:start + n].to(dtype)
+    for n in sizes:  # each its own allocation, as a model's parameters and gradients are
+        p = torch.nn.Parameter(flat[start:start + n].to(dtype, copy=True))
+        p.grad = grads[start:start + n].to(dtype, copy=True)
         params.append(p)
         start += n
     return params
@@ -153,10 +183,18 @@ def run_cases(sizes, device, backends, rounds) -> list[bench.Row]:
         per_param = BYTES[name]
         pyeff_bytes = per_param if isinstance(per_param, int) else per_param["pyeff"]
         fns[bench.CEILING] = copy_ceiling(numel, pyeff_bytes, device)
-        times = timed_rounds(fns, rounds, device)
+        host = {}
+        times = timed_rounds(fns, rounds, device, host=host)
         nbytes = {k: (per_param if isinstance(per_param, int) else per_param.get(k, pyeff_bytes)) for k in fns}
-        rows += bench.rows_from_times("optim_gpu", f"{name} {len(sizes)} tensors {numel / 1e6:.0f}M", times,
-                                      numel=numel, bytes_per_elem=nbytes, torch_providers=TORCH_PROVIDERS)
+        new = bench.rows_from_times("optim_gpu", f"{name} {len(sizes)} tensors {numel / 1e6:.0f}M", times,
+                                    numel=numel, bytes_per_elem=nbytes, torch_providers=TORCH_PROVIDERS)
+        if device.type == "cuda":
+            kernels = {k: kernel_seconds(fn) for k, fn in fns.items()}
+            for row in new:
+                row.extra["host_ms"] = 1e3 * statistics.median(host[row.provider])
+                row.extra["kernel_ms"] = 1e3 * kernels[row.provider]
+                row.extra["kernel_pct_ceiling"] = 100 * kernels[bench.CEILING] / kernels[row.provider]
+        rows += new
         del fns
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -10,7 +10,7 @@ from . import _optim
 from ._rounding import cast_rne
 from ._tables import div_ieee
 
-QUANT_BLOCK = 256
+QUANT_BLOCK = tl.constexpr(256)  # a constexpr: compiled kernels read no other kind of global
 
 
 @triton.jit
@@ -131,7 +131,7 @@ def block_absmax(x, mask):
 
 def blocks_per_step(block: int) -> int:
     """int8 blocks a CODED program takes per step of its loop: about BLOCK elements, one block at least."""
-    return max(1, block // QUANT_BLOCK)
+    return max(1, block // QUANT_BLOCK.value)
 
 
 @triton.jit

@@ -24,12 +24,12 @@ from . import _tables as T
 from ._optim import advance_steps, column, load_param, mode_of, program_chunk, step_scalars
 from ._tables import div_ieee, f64, sqrt_ieee
 
-MAX_SPARSE_DIMS = 4
+MAX_SPARSE_DIMS = tl.constexpr(4)
 # The columns of a tensor's row in the table (a sparse gradient's rows: NOTE [sparse Adagrad rows]).
 (_NUMEL, _PARAM, _GRAD, _SUM, _MASTER, _COMP, _STEP, _SUM_ABSMAX, _SEED, _INDICES, _INDEX_DIM_STRIDE,
  _INDEX_ROW_STRIDE, _ROW_NUMEL, _SPARSE_DIM, _SIZES) = map(tl.constexpr, range(15))
-_STRIDES = tl.constexpr(_SIZES + MAX_SPARSE_DIMS)
-_COLUMNS = tl.constexpr(_STRIDES + MAX_SPARSE_DIMS)
+_STRIDES = tl.constexpr(_SIZES + MAX_SPARSE_DIMS.value)
+_COLUMNS = tl.constexpr(_STRIDES + MAX_SPARSE_DIMS.value)
 _VECTOR_COLUMNS = tuple(range(1, 6))  # param .. compensation
 
 
@@ -135,19 +135,19 @@ def _adagrad_math(p, g, s, grad_mult, weight_decay, eps, neg_clr, sparse, HAS_SP
 
 def _row(i, p, g, values, s, master, comp, step, absmax, seed) -> tuple[int, ...]:
     """A tensor's row of the table; `values`: the gradient, or a sparse one's contiguous values."""
-    sparse = [0] * (5 + 2 * MAX_SPARSE_DIMS)
+    sparse = [0] * (5 + 2 * MAX_SPARSE_DIMS.value)
     numel = p.numel()
     if g.is_sparse:
         indices = g._indices()
         nnz = g._nnz()
         dims = g.sparse_dim()
-        if dims > MAX_SPARSE_DIMS:
+        if dims > MAX_SPARSE_DIMS.value:
             raise RuntimeError(f"adagrad_step: grads[{i}] has {dims} sparse dimensions; the triton backend takes up "
-                               f"to {MAX_SPARSE_DIMS}")
+                               f"to {MAX_SPARSE_DIMS.value}")
         numel = values.numel()
         sparse = [indices.data_ptr(), indices.stride(0), indices.stride(1), values.numel() // nnz if nnz else 1, dims,
-                  *[p.size(d) if d < dims else 0 for d in range(MAX_SPARSE_DIMS)],
-                  *[p.stride(d) if d < dims else 0 for d in range(MAX_SPARSE_DIMS)]]
+                  *[p.size(d) if d < dims else 0 for d in range(MAX_SPARSE_DIMS.value)],
+                  *[p.stride(d) if d < dims else 0 for d in range(MAX_SPARSE_DIMS.value)]]
     return (numel, p.data_ptr(), values.data_ptr(), s.data_ptr(), T.address(master), T.address(comp), step.data_ptr(),
             T.address(absmax), seed, *sparse)
 

@@ -17,7 +17,9 @@ CXX_FLAGS = ["-O3", "-g0", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "
 def nvcc_flags(archs: list[str]) -> list[str]:
     """nvcc's flags for real GPU code of each architecture in `archs` (e.g. ["80", "90"]) and PTX of
     the newest, which later GPUs compile at load time."""
-    flags = ["-O3", "--fmad=false", "-lineinfo"]
+    # -split-compile=0: optimize and assemble a file's kernels on every core (adam.cu instantiates
+    # dozens, and is the last object of a parallel build).
+    flags = ["-O3", "--fmad=false", "-lineinfo", "-split-compile=0"]
     flags += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     flags.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
     return flags

@@ -29,10 +29,25 @@ step() {  # step NAME CMD...: run (at most STEP_TIMEOUT s), log to $OUT/NAME.log
   local name=$1 t0=$SECONDS rc
   shift
   echo "== $name"
-  timeout "${STEP_TIMEOUT:-0}" "$@" >"$OUT/$name.log" 2>&1
+  if declare -F "$1" >/dev/null; then "$@"; else timeout "${STEP_TIMEOUT:-0}" "$@"; fi >"$OUT/$name.log" 2>&1
   rc=$?
   echo "   rc=$rc ($((SECONDS - t0)) s)"
   tail -n 4 "$OUT/$name.log"
+  return $rc
+}
+
+stamped() {  # CMD...: its output lines prefixed with the seconds since it started
+  "$@" 2>&1 | $PY -u -c "import sys, time; t = time.time(); [print(f'{time.time() - t:6.1f} {l}', end='') for l in sys.stdin]"
+}
+
+gpu_tests() {  # the GPU tests in 8 processes, then those that take most of the GPU's memory alone
+  local big=(tests/test_memory_cuda.py tests/test_optim_gpu.py::test_a_tensor_over_2_31_elements) per_test rc
+  per_test=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout=120")
+  PARALLEL=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
+  TRITON_INTERPRET=0 timeout "${STEP_TIMEOUT:-0}" $PY -m pytest -q -rfE $per_test $PARALLEL -m gpu tests/ \
+    --deselect "${big[1]}" --ignore "${big[0]}"
+  rc=$?
+  TRITON_INTERPRET=0 timeout "${STEP_TIMEOUT:-0}" $PY -m pytest -q -rfE $per_test -m gpu "${big[@]}" || rc=$?
   return $rc
 }
 
@@ -44,7 +59,7 @@ toolchain_report() {  # what links pyeff._C, what it needs, and whether a C++ er
   env | grep -E '^(CC|CXX|LDFLAGS|CFLAGS|CXXFLAGS|LDSHARED)=' || true
   $PY -c "import sysconfig as s; [print(k, '=', s.get_config_var(k)) for k in ('CC', 'CXX', 'LDSHARED', 'LDFLAGS', 'LDCXXSHARED')]"
   g++ -print-file-name=libstdc++.so; g++ -print-file-name=libstdc++.a
-  grep -E '^ *(g\+\+|c\+\+|x86_64-linux-gnu-g\+\+).* -shared ' "$OUT/build.log" | tail -n 1
+  grep -E '^[ 0-9.]*(g\+\+|c\+\+|x86_64-linux-gnu-g\+\+).* -shared ' "$OUT/build.log" | tail -n 1
   readelf -dW "$so" | grep -E 'NEEDED|RPATH|RUNPATH'
   nm -DC --defined-only "$so" | grep -cE ' std::| __gnu_cxx::'
   $PY -X faulthandler -c "import torch; torch.zeros(2) + torch.zeros(3)" 2>&1 | tail -n 1
@@ -71,7 +86,7 @@ fi
 [ "$PHASE" = quick ] && BENCH_ARGS="--quick ${BENCH_ARGS:-}" && STEP_TIMEOUT=${STEP_TIMEOUT:-300}
 T0=$SECONDS
 if [ "$PHASE" != bench ] || ! $PY -c "import pyeff._C" 2>/dev/null; then
-  if ! step build $PY -m pip install -v --no-build-isolation --no-deps -e .; then
+  if ! step build stamped $PY -m pip install -v --no-build-isolation --no-deps -e .; then
     grep -E ' -shared |pyeff: ' "$OUT/build.log" | tail -n 3 >"$OUT/toolchain.log"  # the link and the probe's verdict
     exit 1
   fi
@@ -87,8 +102,7 @@ if [ "$PHASE" != test ]; then
   step bench-optim env TRITON_INTERPRET=0 $PY -m pyeff bench optim_gpu ${BENCH_ARGS:-} --out "$OUT/bench"
 fi
 if [ "$PHASE" != bench ]; then
-  PER_TEST=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout=120")
-  step tests-gpu env TRITON_INTERPRET=0 $PY -m pytest -q -rfE $PER_TEST -m gpu tests/
+  step tests-gpu gpu_tests
 fi
 if [ "$PHASE" != test ]; then
   step bench-more env TRITON_INTERPRET=0 $PY -m pyeff bench optim_state gpu_layers gpu_pool ${BENCH_ARGS:-} --out "$OUT/bench"

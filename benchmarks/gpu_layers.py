@@ -76,7 +76,7 @@ def liger_kernels() -> tuple[dict | None, str | None]:
         "LayerNorm": lambda x, w, b: LigerLayerNormFunction.apply(x, w, b, 1e-5),
         "RMSNorm": lambda x, w: LigerRMSNormFunction.apply(x, w, 1e-6),
         "SwiGLU": lambda a, b: LigerSiLUMulFunction.apply(a, b),
-        "cross-entropy": lambda lg, t: _first(LigerCrossEntropyFunction.apply(lg, t)),
+        "cross-entropy": lambda lg, t: _first(LigerCrossEntropyFunction.apply(lg, t, None)),  # weight=None
         "linear+CE": lambda h, w, t: _first(LigerFusedLinearCrossEntropyFunction.apply(h, w, t)),
     }, None
 

@@ -63,24 +63,32 @@ def test_sgd_matches_the_cpu_kernel(backend, dtype, grad_dtype, mode, hp, offset
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_adamw_fp32_agrees_with_torch_fused_to_2_ulp(backend):
+def test_adamw_fp32_agrees_with_torch_fused(backend):
+    # torch's CUDA kernel does the update's arithmetic with double hyper-parameters (double
+    # intermediates, one rounding to fp32 per state variable); pyeff's is fp32 throughout, the CPU
+    # kernel's operations. Each step may then round a parameter one ulp apart, and the update
+    # (about lr in size) a few fp32 eps of lr apart: over `steps` steps, at most steps ulps of the
+    # parameter plus steps * 8 eps * lr. (On the H200, 2026-11-29: 81 % of elements within 2 ulps
+    # after 10 steps; a CPU emulation of torch's kernel gives a median of 0.8 ulp and at most
+    # 18 eps * lr beyond the relative bound.)
     _usable(backend)
     torch.manual_seed(0)
+    steps, lr, eps = 10, 1e-3, torch.finfo(torch.float32).eps
     ps = [torch.randn(n, device="cuda") for n in (1, 1000, 65_537, 1_000_003)]
     a = [torch.nn.Parameter(p.clone()) for p in ps]
     b = [torch.nn.Parameter(p.clone()) for p in ps]
-    ours = pyeff.optim.AdamW(a, lr=1e-3, weight_decay=0.01, backend=backend)
-    theirs = torch.optim.AdamW(b, lr=1e-3, weight_decay=0.01, fused=True)
-    for _ in range(10):
+    ours = pyeff.optim.AdamW(a, lr=lr, weight_decay=0.01, backend=backend)
+    theirs = torch.optim.AdamW(b, lr=lr, weight_decay=0.01, fused=True)
+    for _ in range(steps):
         for x, y in zip(a, b):
             x.grad = torch.randn_like(x)
             y.grad = x.grad.clone()
         ours.step()
         theirs.step()
     for x, y in zip(a, b):
-        ulp = torch.finfo(torch.float32).eps * y.detach().abs().clamp_min(torch.finfo(torch.float32).tiny)
-        within = ((x - y).abs() <= 2 * ulp).float().mean().item()
-        assert within >= 0.999, within
+        torch.testing.assert_close(x, y, rtol=steps * eps, atol=steps * 8 * eps * lr)
+        ulps = (x - y).abs() / (eps * y.detach().abs().clamp_min(torch.finfo(torch.float32).tiny))
+        assert ulps.median().item() <= 2, ulps.median().item()
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -88,6 +96,9 @@ def test_adamw_fp32_agrees_with_torch_fused_to_2_ulp(backend):
 def test_adagrad_matches_the_cpu_kernel(backend, sparse):
     _usable(backend)
     inputs = adagrad_inputs(torch.bfloat16, "master", sparse_rows=[30, 25, 9][:sparse])
+    # Coalesced here, once: torch's CPU and CUDA coalesce() add a row's repeated bf16 values in
+    # different orders (the H200 run of 2026-11-29 saw 1 % apart sums), and this tests the kernels.
+    inputs["grads"] = [g.coalesce() if g.is_sparse else g for g in inputs["grads"]]
     cpu, got = clone(inputs), _on(inputs, "cuda")
     adagrad_step(**cpu, **ADAGRAD_HP, backend="cpu")
     adagrad_step(**got, **ADAGRAD_HP, backend=backend)

@@ -113,6 +113,22 @@ def test_lr_scheduler_closure_zero_grad_and_params_without_grads(name):
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_checks_at_every_step_read_no_device_tensor(name):
+    # A tensor lr (or beta) on a GPU is checked at construction; reading it again at every step
+    # would make the host wait (and break graph capture). A meta tensor stands in for the GPU one:
+    # reading its value raises.
+    opt = OPTIMIZERS[name].pyeff_cls(make_params(torch.float32), **OPTIMIZERS[name].kwargs)
+    for group in opt.param_groups:
+        group["lr"] = torch.tensor(1e-3, device="meta")
+        if "betas" in group:
+            group["betas"] = (torch.tensor(0.9, device="meta"), torch.tensor(0.999, device="meta"))
+    opt._check_inputs()
+    opt.param_groups[0]["lr"] = torch.tensor(-1.0)  # a CPU tensor is still read, as torch.optim does
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        opt._check_inputs()
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_differentiable_runs_torchs_implementation(name):
     # Non-leaf parameters (as torch's differentiable tests use): the update is recorded by autograd.
     leaves = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in [(3,), (2, 2)]]

@@ -119,7 +119,9 @@ def learning_rate(lr: float | Tensor, device: torch.device) -> tuple[float, Tens
 def present_or_empty(tensors: list[Tensor | None], name: str) -> list[Tensor]:
     """An optional per-parameter list of one bucket (master weights, compensation buffers): all
     present, or none (an empty list)."""
-    missing = tensors.count(None)  # counted in C: these lists are long and usually all None
+    # By identity: list.count(None) would call Tensor.__eq__(None) for every tensor (~2 us each,
+    # milliseconds per step for a model's parameters with master weights).
+    missing = sum(t is None for t in tensors)
     if missing == len(tensors):
         return []
     if missing:

@@ -298,6 +298,16 @@ class FusedOptimizer(Optimizer):
         return _state.torch_state_dict(self, self._MOMENTS)
 
 
+def checkable(value):
+    """A learning rate or beta as the checks repeated at every step read it. A tensor on an
+    accelerator was checked at construction (as torch.optim checks it, once); reading it at every
+    step would make the host wait for the device and break CUDA graph capture, so 0.0, which every
+    such check accepts, stands in for it."""
+    if isinstance(value, tuple):
+        return tuple(checkable(v) for v in value)
+    return 0.0 if isinstance(value, Tensor) and value.device.type != "cpu" else value
+
+
 def _check_differentiable(group: dict) -> None:
     if group.get("differentiable") and (group.get("master_weights") or group.get("kahan_summation")):
         raise RuntimeError("`differentiable` does not support `master_weights` or `kahan_summation`")

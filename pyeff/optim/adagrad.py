@@ -17,8 +17,8 @@ from torch import Tensor
 
 from ..ops.adagrad import SPARSE_WEIGHT_DECAY, adagrad_step, check_sparse_indices
 from . import _state
-from ._fused import (LOW_PRECISION, FusedOptimizer, append_step_and_low_precision, init_low_precision_state,
-                     low_precision_mode)
+from ._fused import (LOW_PRECISION, FusedOptimizer, append_step_and_low_precision, checkable,
+                     init_low_precision_state, low_precision_mode)
 
 
 def _check_hyperparameters(lr, lr_decay, weight_decay, initial_accumulator_value, eps) -> None:
@@ -137,7 +137,7 @@ class Adagrad(FusedOptimizer):
 
     def _validate_group(self, group):
         super()._validate_group(group)
-        _check_hyperparameters(group["lr"], group["lr_decay"], group["weight_decay"],
+        _check_hyperparameters(checkable(group["lr"]), group["lr_decay"], group["weight_decay"],
                                group.get("initial_accumulator_value", 0), group["eps"])
         _state.check_group(group)
 

@@ -14,8 +14,8 @@ from torch import Tensor
 
 from ..ops.adam import adam_step
 from . import _state
-from ._fused import (LOW_PRECISION, FusedOptimizer, append_step_and_low_precision, init_low_precision_state,
-                     low_precision_mode)
+from ._fused import (LOW_PRECISION, FusedOptimizer, append_step_and_low_precision, checkable,
+                     init_low_precision_state, low_precision_mode)
 
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
@@ -123,7 +123,7 @@ class Adam(FusedOptimizer):
 
     def _validate_group(self, group):
         super()._validate_group(group)
-        _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        _check_hyperparameters(checkable(group["lr"]), checkable(group["betas"]), group["eps"], group["weight_decay"])
         _state.check_group(group)
 
     def _init_param(self, group, p, lists):

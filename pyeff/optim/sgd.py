@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..ops.sgd import sgd_step
-from ._fused import LOW_PRECISION, FusedOptimizer, init_low_precision_state, low_precision_mode
+from ._fused import LOW_PRECISION, FusedOptimizer, checkable, init_low_precision_state, low_precision_mode
 
 
 def _check_hyperparameters(lr, momentum, dampening, weight_decay, nesterov) -> None:
@@ -90,7 +90,7 @@ class SGD(FusedOptimizer):
 
     def _validate_group(self, group):
         super()._validate_group(group)
-        _check_hyperparameters(group["lr"], group["momentum"], group["dampening"], group["weight_decay"],
+        _check_hyperparameters(checkable(group["lr"]), group["momentum"], group["dampening"], group["weight_decay"],
                                group["nesterov"])
 
     def _check_inputs(self):

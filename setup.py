@@ -17,6 +17,7 @@ import re
 import runpy
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -120,14 +121,18 @@ class _BuildExt(cpp_extension.BuildExtension):
 
     def build_extension(self, ext):
         # NOTE [per-ISA kernels]: the kernels, once per ISA with its flags, linked after the rest.
-        objects = []
-        for isa, flags in _isa_flags().items():
+        # The ISAs' builds (a ninja run each, in its own folder) run at once: one after another,
+        # each waited for its slowest object, and a 16-core build took three times as long.
+        def compile_for(isa, flags):
             extra = {**ext.extra_compile_args, "cxx": [*ext.extra_compile_args["cxx"], *flags]}
-            objects += self.compiler.compile(
+            return self.compiler.compile(
                 [str(ROOT / k) for k in KERNELS], output_dir=os.path.join(self.build_temp, "isa", isa),
                 macros=[*ext.define_macros, ("CPU_CAPABILITY", isa), (f"CPU_CAPABILITY_{isa}", None)],
                 include_dirs=ext.include_dirs, debug=self.debug, extra_postargs=extra, depends=ext.depends)
-        ext.extra_objects = objects
+
+        with ThreadPoolExecutor() as pool:
+            builds = [pool.submit(compile_for, isa, flags) for isa, flags in _isa_flags().items()]
+            ext.extra_objects = [o for b in builds for o in b.result()]
         super().build_extension(ext)
 
     def build_extensions(self):

@@ -105,6 +105,8 @@ if [ "$PHASE" != bench ]; then
   step tests-gpu gpu_tests
 fi
 if [ "$PHASE" != test ]; then
-  step bench-more env TRITON_INTERPRET=0 $PY -m pyeff bench optim_state gpu_layers gpu_pool ${BENCH_ARGS:-} --out "$OUT/bench"
+  for suite in optim_state gpu_layers gpu_pool; do  # one step each: a failing suite stops only itself
+    step "bench-$suite" env TRITON_INTERPRET=0 $PY -m pyeff bench "$suite" ${BENCH_ARGS:-} --out "$OUT/bench"
+  done
 fi
 echo "== total $((SECONDS - T0)) s"

@@ -122,16 +122,28 @@ struct AdamChunk {
     for (int64_t round = begin; round < end; round += int64_t(kThreads) * kN) {
       const int64_t i = round + int64_t(threadIdx.x) * kN;  // this thread's first element
       const int n = i >= end ? 0 : (end - i < kN ? static_cast<int>(end - i) : kN);
-      Acc m[kN], v[kN], x[kN] = {};
+      Acc m[kN], v[kN], x[kN] = {}, p[kN], g[kN];
       exp_avg.load(i, n, m);
       exp_avg_sq.load(i, n, v);
       if (h.amsgrad) max_sq.load(i, n, x);
-      for (int k = 0; k < n; ++k) {
-        Acc p[1], old[1];
-        q.param.template load<1>(i + k, p);
-        old[0] = p[0];
-        adam_math(h, c, p[0], Acc(q.grad[i + k]), m[k], v[k], x[k]);
-        store_param<1>(q, i + k, p, old, r);
+      // Every load before any store: the thread's kN elements of each array are in flight at once.
+#pragma unroll
+      for (int k = 0; k < kN; ++k) {
+        if (k < n) {
+          Acc one[1];
+          q.param.template load<1>(i + k, one);
+          p[k] = one[0];
+          g[k] = Acc(q.grad[i + k]);
+        }
+      }
+#pragma unroll
+      for (int k = 0; k < kN; ++k) {
+        if (k < n) {
+          Acc one[1] = {p[k]};
+          const Acc old[1] = {p[k]};
+          adam_math(h, c, one[0], g[k], m[k], v[k], x[k]);
+          store_param<1>(q, i + k, one, old, r);
+        }
       }
       const int32_t mine[3] = {largest_bits(m, n), largest_bits(v, n), largest_bits(x, n)};
       float absmax[3];

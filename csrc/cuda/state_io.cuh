@@ -21,7 +21,10 @@
 
 namespace pyeff::cuda {
 
-constexpr int kQ8PerThread = 2;
+// 8 elements per thread (a warp per int8 block): each thread's loads of a round are in flight
+// together, and a chunk takes a quarter of the barrier rounds 2 would (on the H200, 2026-11-29,
+// 2 per thread made the int8-state step 4x the fp32-state step's time).
+constexpr int kQ8PerThread = 8;
 constexpr int kQ8Group = static_cast<int>(kQuantBlock) / kQ8PerThread;
 static_assert(kChunk % kQuantBlock == 0, "a chunk must hold whole int8 blocks");
 static_assert(kThreads % kQ8Group == 0, "a CUDA block must hold whole groups");

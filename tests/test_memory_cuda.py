@@ -46,11 +46,12 @@ def test_standalone_library_exports_the_c_abi(standalone_library):
     mem.cuda_empty_cache(library=standalone_library)
     lib.pyeff_cuda_pool_free(None, ctypes.c_size_t(0), 0, None)  # a null pointer is ignored
     if not torch.cuda.is_available():
-        # Without a GPU cudaMalloc fails: the pool answers NULL and counts the failure.
+        # Without a GPU cudaMalloc fails (no device or driver): the pool answers NULL and counts no
+        # out-of-memory error, which this is not.
         lib.pyeff_cuda_pool_alloc.restype = ctypes.c_void_p
         lib.pyeff_cuda_pool_alloc.argtypes = [ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
         assert lib.pyeff_cuda_pool_alloc(1 << 20, 0, None) is None
-        assert mem.cuda_stats(library=standalone_library)["num_ooms"] >= 1
+        assert mem.cuda_stats(library=standalone_library)["num_ooms"] == 0
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")

@@ -7,17 +7,19 @@
 // raise. Its C++ class has hooks for more (record_stream, begin/end_allocate_to_pool, release_pool,
 // reset = empty_cache, memory_fraction), and its remaining virtual functions can be overridden. So
 // this is a subclass of it, installed with torch's changeCurrentAllocator: it overrides what the
-// allocator contract needs (allocate and the raw_* functions, with torch.OutOfMemoryError on
-// failure; recordStream, which knows the stream's device; the device statistics and their resets)
-// and sets the hooks that are stable across torch 2.6 to 2.13. What it does not provide keeps
-// torch's "pluggable does not yet support ..." error: memory snapshots, IPC of CUDA tensors, and
-// torch.cuda.MemPool objects while the pool is torch's allocator (pyeff.memory.cuda_mem_pool() refuses
-// that combination itself); CUDA graph trees (torch.compile mode="reduce-overhead") get a clear error.
+// allocator contract needs (allocate and the raw_* functions, with torch.OutOfMemoryError when out
+// of memory and torch's CUDA error for any other cudaMalloc failure; recordStream, which knows the
+// stream's device; the device statistics and their resets) and sets the hooks that are stable
+// across torch 2.6 to 2.13. What it does not provide keeps torch's "pluggable does not yet
+// support ..." error: memory snapshots, IPC of CUDA tensors, and torch.cuda.MemPool objects while
+// the pool is torch's allocator (pyeff.memory.cuda_mem_pool() refuses that combination itself);
+// CUDA graph trees (torch.compile mode="reduce-overhead") get a clear error.
 // Statistics map onto torch's: a block waiting for other streams' work counts as allocated (torch's
 // "active" equals "allocation" here), and there are no inactive splits or oversize blocks to report.
 #ifdef PYEFF_WITH_CUDA
 
 #include <c10/core/Allocator.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -79,8 +81,12 @@ std::string format_size(uint64_t bytes) {  // as torch's out-of-memory message w
 }
 
 void* allocate_or_raise(size_t bytes, c10::DeviceIndex device, cudaStream_t stream) {
-  void* p = allocate(bytes, device, stream);
-  if (p == nullptr && bytes != 0) raise_out_of_memory(bytes, device);
+  cudaError_t error = cudaSuccess;
+  void* p = allocate(bytes, device, stream, &error);
+  if (p == nullptr && bytes != 0) {
+    C10_CUDA_CHECK(error);  // not out of memory (e.g. cudaMalloc refused during a capture): torch's CUDA error
+    raise_out_of_memory(bytes, device);
+  }
   return p;
 }
 

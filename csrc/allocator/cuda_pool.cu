@@ -15,6 +15,7 @@
 #include <memory>
 #include <mutex>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #define PYEFF_EXPORT extern "C" __attribute__((visibility("default")))
@@ -46,8 +47,16 @@ class CudaBackend final : public Backend {
     if (bytes > limit_ - std::min(limit_, reserved_)) return nullptr;
     DeviceGuard guard(device_);
     void* p = nullptr;
-    if (cudaMalloc(&p, bytes) != cudaSuccess) {
+    // torch.cuda.graph captures in cudaStreamCaptureModeGlobal, where cudaMalloc is refused (and the
+    // capture invalidated) unless this thread is in relaxed mode; as in torch's own allocator, a
+    // captured cudaMalloc is fine: its memory is never freed while the graph may replay.
+    cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+    const bool exchanged = cudaThreadExchangeStreamCaptureMode(&mode) == cudaSuccess;
+    const cudaError_t status = cudaMalloc(&p, bytes);
+    if (exchanged) (void)cudaThreadExchangeStreamCaptureMode(&mode);
+    if (status != cudaSuccess) {
       (void)cudaGetLastError();  // clear it, so that torch does not report it later
+      if (status != cudaErrorMemoryAllocation) error_ = status;  // not out of memory: reported as is
       return nullptr;
     }
     reserved_ += bytes;
@@ -62,11 +71,14 @@ class CudaBackend final : public Backend {
   // cudaMalloc hands out 2 MiB pages; large blocks are rounded to them.
   size_t granularity() const noexcept override { return size_t{2} << 20; }
   void set_limit(size_t bytes) { limit_ = bytes; }
+  // The latest cudaMalloc error other than out of memory since the last call; cudaSuccess if none.
+  cudaError_t take_error() { return std::exchange(error_, cudaSuccess); }
 
  private:
   int device_;
   size_t reserved_ = 0;  // every call comes under the registry's lock
   size_t limit_ = SIZE_MAX;
+  cudaError_t error_ = cudaSuccess;
 };
 
 Options cuda_options(size_t max_cached_bytes) {
@@ -264,20 +276,28 @@ void release_caches(Device& dev) {
 
 }  // namespace
 
-void* allocate(size_t bytes, int device, cudaStream_t stream) {
+void* allocate(size_t bytes, int device, cudaStream_t stream, cudaError_t* error) {
+  if (error != nullptr) *error = cudaSuccess;
   if (bytes == 0) return nullptr;
   Registry& r = registry();
   std::lock_guard<std::mutex> guard(r.mu);
   Device& dev = device_of(r, device);
   if (r.captures == 0) process_events(r);
   Pool& pool = route(r, dev, stream);
+  (void)dev.backend.take_error();
   void* p = pool.allocate(bytes);  // on failure it has returned its own cache and tried again
-  if (p == nullptr && r.captures == 0) {
+  cudaError_t status = dev.backend.take_error();
+  if (p == nullptr && status == cudaSuccess && r.captures == 0) {
     synchronize_events(r);
     release_caches(dev);
     p = pool.allocate(bytes);
+    status = dev.backend.take_error();
   }
   if (p == nullptr) {
+    if (status != cudaSuccess) {  // cudaMalloc failed for another reason than memory: no OOM
+      if (error != nullptr) *error = status;
+      return nullptr;
+    }
     ++dev.ooms;
     return nullptr;
   }

@@ -22,10 +22,13 @@
 // capture and would sync the device), no event is queried, recorded or waited on: blocks freed with
 // other streams' uses wait, as in torch, until the capture has ended; the cap on cached bytes and
 // empty_cache() wait too (empty_cache() refuses).
+// cudaMalloc runs with the thread in cudaStreamCaptureModeRelaxed, as in torch's allocator: torch
+// captures in global mode, which otherwise refuses it and invalidates the capture.
 // Out of memory: when cudaMalloc fails, the pool returns its own cache and tries again; then (no
 // capture underway) the device waits for pending events, returns the cache of every pool on the
 // device, and tries once more. A request that still fails returns nullptr (the torch glue raises
-// torch.OutOfMemoryError).
+// torch.OutOfMemoryError). A cudaMalloc error other than cudaErrorMemoryAllocation is not out of
+// memory: allocate() hands it back (the glue raises it as torch raises CUDA errors).
 // Every function here takes one lock: allocations are serialized, as with torch's allocator per device.
 #include <cuda_runtime.h>
 
@@ -41,8 +44,9 @@ namespace pyeff::memory::cuda {
 using PoolId = std::pair<unsigned long long, unsigned long long>;  // torch's c10::cuda::MempoolId_t
 using StreamFilter = std::function<bool(cudaStream_t)>;
 
-// A 64-byte aligned block for work on `stream`; nullptr for 0 bytes or when out of memory.
-void* allocate(size_t bytes, int device, cudaStream_t stream);
+// A 64-byte aligned block for work on `stream`; nullptr for 0 bytes or when out of memory, or when
+// cudaMalloc failed otherwise: then *error (when given) is its error, else cudaSuccess.
+void* allocate(size_t bytes, int device, cudaStream_t stream, cudaError_t* error = nullptr);
 // nullptr is ignored; a pointer that is not a live block aborts (a double free).
 void free(void* ptr);
 // `ptr` (a live block) is used by work on `stream` of device `stream_device` too.

@@ -3,7 +3,8 @@
 // (tests/test_memory_cuda.py builds and runs it): blocks reused on their own stream only; a block
 // used by other streams held back until events recorded on them complete; graph captures served from
 // private pools that keep their memory, with nothing returned, recorded, queried or waited on while
-// a capture is underway; the out-of-memory retry; the memory fraction; statistics per device; and
+// a capture is underway and cudaMalloc in relaxed capture mode; the out-of-memory retry, and other
+// cudaMalloc errors handed back as they are; the memory fraction; statistics per device; and
 // the C functions torch's CUDAPluggableAllocator and ctypes call.
 #include <cstdint>
 #include <cstdio>
@@ -113,8 +114,12 @@ void graph_capture() {
   cuda::begin_allocate_to_pool(0, id, [cap](cudaStream_t s) { return s == cap; });
   f.capturing = true;
   CHECK(cuda::capture_underway());
-  void* g1 = cuda::allocate(6 * MiB, 0, cap);  // the graph's own memory, not the cached block
-  CHECK(g1 != nullptr && g1 != before && f.mallocs == mallocs + 1);
+  // The graph's own memory, not the cached block: a cudaMalloc during a global-mode capture, which
+  // CUDA allows only with the thread in relaxed mode; the thread's mode is restored after it.
+  cudaError_t error = cudaErrorInvalidValue;
+  void* g1 = cuda::allocate(6 * MiB, 0, cap, &error);
+  CHECK(g1 != nullptr && g1 != before && f.mallocs == mallocs + 1 && error == cudaSuccess);
+  CHECK(fake_thread_capture_mode() == cudaStreamCaptureModeGlobal && f.illegal_in_capture == 0);
   cuda::free(g1);
   void* g2 = cuda::allocate(6 * MiB, 0, cap);  // reused inside the graph's pool
   CHECK(g2 == g1);
@@ -180,10 +185,23 @@ void out_of_memory() {
   CHECK(big != nullptr && f.event_syncs == syncs + 1);
   CHECK_EQ(stat(0, "num_alloc_retries"), 1);
   CHECK_EQ(stat(0, "num_ooms"), 0);
-  CHECK(cuda::allocate(64 * MiB, 0, s1) == nullptr);
+  cudaError_t error = cudaErrorInvalidValue;
+  CHECK(cuda::allocate(64 * MiB, 0, s1, &error) == nullptr && error == cudaSuccess);
   CHECK_EQ(stat(0, "num_ooms"), 1);  // one failed request counts once
   CHECK(cuda::device_stats(0).event_syncs == 1);
   f.limit = SIZE_MAX;
+  // Another cudaMalloc error is handed back as it is: not out of memory, so no retry after waiting
+  // for events and no OOM counted.
+  void* waiting2 = cuda::allocate(4 * MiB, 0, s3);
+  cuda::record_stream(waiting2, s2, 0);
+  cuda::free(waiting2);
+  f.malloc_error = cudaErrorStreamCaptureUnsupported;
+  CHECK(cuda::allocate(64 * MiB, 0, s1, &error) == nullptr && error == cudaErrorStreamCaptureUnsupported);
+  f.malloc_error = cudaSuccess;
+  CHECK(f.last == cudaSuccess);  // cleared, as torch expects of an allocator
+  CHECK_EQ(stat(0, "num_ooms"), 1);
+  CHECK(cuda::device_stats(0).event_syncs == 1 && f.recorded_on(s2) == 1);
+  f.finish(s2);
   cuda::free(big);
   CHECK(cuda::empty_cache());
 }

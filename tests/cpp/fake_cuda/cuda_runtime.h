@@ -2,9 +2,11 @@
 // A stand-in for the CUDA runtime calls csrc/allocator/cuda_pool.cu makes, over host memory, so that
 // the pool's rules run (under AddressSanitizer) on machines without a GPU: tests/cpp/cuda_pool_test.cpp.
 // The test drives the "device": `limit` caps its memory, `finish(stream)` completes the work queued
-// on a stream so far (events recorded there), and `capturing` marks a graph capture underway, during
-// which every call that is illegal then (cudaFree, recording, querying or waiting on events, syncs)
-// is counted in `illegal_in_capture`.
+// on a stream so far (events recorded there), and `capturing` marks a graph capture underway in
+// cudaStreamCaptureModeGlobal (as torch.cuda.graph captures), during which every call that is illegal
+// then (cudaFree, recording, querying or waiting on events, syncs; cudaMalloc unless the calling
+// thread exchanged its mode for relaxed, which CUDA then refuses) is counted in `illegal_in_capture`.
+// `malloc_error` makes cudaMalloc fail with that error (not out of memory).
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -17,6 +19,12 @@ constexpr cudaError_t cudaSuccess = 0;
 constexpr cudaError_t cudaErrorInvalidValue = 1;
 constexpr cudaError_t cudaErrorMemoryAllocation = 2;
 constexpr cudaError_t cudaErrorNotReady = 600;
+constexpr cudaError_t cudaErrorStreamCaptureUnsupported = 900;
+enum cudaStreamCaptureMode {
+  cudaStreamCaptureModeGlobal = 0,
+  cudaStreamCaptureModeThreadLocal = 1,
+  cudaStreamCaptureModeRelaxed = 2
+};
 constexpr unsigned int cudaEventDisableTiming = 2;
 typedef struct CUstream_st* cudaStream_t;
 
@@ -38,6 +46,7 @@ struct FakeCuda {
   int device = 0;
   bool capturing = false;
   cudaError_t last = cudaSuccess;
+  cudaError_t malloc_error = cudaSuccess;
   int mallocs = 0, frees = 0, bad_frees = 0, event_syncs = 0, stream_syncs = 0, illegal_in_capture = 0;
 
   void illegal_if_capturing() {
@@ -62,9 +71,27 @@ inline FakeCuda& fake_cuda() {
   return *f;
 }
 
+// The calling thread's capture mode (cudaThreadExchangeStreamCaptureMode); CUDA's default is global.
+inline cudaStreamCaptureMode& fake_thread_capture_mode() {
+  static thread_local cudaStreamCaptureMode mode = cudaStreamCaptureModeGlobal;
+  return mode;
+}
+
+inline cudaError_t cudaThreadExchangeStreamCaptureMode(cudaStreamCaptureMode* mode) {
+  const cudaStreamCaptureMode previous = fake_thread_capture_mode();
+  fake_thread_capture_mode() = *mode;
+  *mode = previous;
+  return cudaSuccess;
+}
+
 inline cudaError_t cudaMalloc(void** p, size_t bytes) {
   FakeCuda& f = fake_cuda();
   std::lock_guard<std::mutex> g(f.mu);
+  if (f.capturing && fake_thread_capture_mode() != cudaStreamCaptureModeRelaxed) {
+    ++f.illegal_in_capture;  // a potentially unsafe call: refused, and the capture is invalidated
+    return f.last = cudaErrorStreamCaptureUnsupported;
+  }
+  if (f.malloc_error != cudaSuccess) return f.last = f.malloc_error;
   if (f.in_use + bytes > f.limit || f.in_use + bytes > f.total) return f.last = cudaErrorMemoryAllocation;
   *p = std::aligned_alloc(256, bytes);
   f.live[*p] = bytes;

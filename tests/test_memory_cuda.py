@@ -200,7 +200,9 @@ TORCH_CONTRACT = {
             ptr = x.data_ptr()
             del x
             z = torch.full((n,), 5.0, device="cuda")  # the producer's next buffer
-            assert z.data_ptr() != ptr, "reused while another stream still reads it"
+            # side.query(): False if side still runs (the pool reused early), True if the pool (or the
+            # GPU) had finished side's work already: the two causes this assert cannot tell apart.
+            assert z.data_ptr() != ptr, f"reused while another stream still reads it (side done: {side.query()})"
             torch.cuda.current_stream().wait_stream(side)
             torch.cuda.synchronize()
             assert bool((y == 2).all()), "the consumer saw the producer's next values"

@@ -168,17 +168,15 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps
     device = params[0].device
     mode = mode_of(master_params, compensations)
     coded = bool(exp_avg_absmaxes)
-    rows, work = [], []
-    for i, p in enumerate(params):
-        rows.append((p.numel(), p.data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(),
-                     exp_avg_sqs[i].data_ptr(), T.address(max_exp_avg_sqs[i] if amsgrad else None),
-                     T.address(master_params[i] if master_params else None),
-                     T.address(compensations[i] if compensations else None), state_steps[i].data_ptr(),
-                     T.address(exp_avg_absmaxes[i] if coded else None),
-                     T.address(exp_avg_sq_absmaxes[i] if coded else None),
-                     T.address(max_exp_avg_sq_absmaxes[i] if coded and amsgrad else None),
-                     rng_seeds[i] if rng_seeds else 0))
-        work.append(p.numel())
+    n = len(params)
+    work = [p.numel() for p in params]
+    rows = list(zip(work, T.addresses(params, n), T.addresses(grads, n), T.addresses(exp_avgs, n),
+                    T.addresses(exp_avg_sqs, n), T.addresses(max_exp_avg_sqs if amsgrad else None, n),
+                    T.addresses(master_params, n), T.addresses(compensations, n), T.addresses(state_steps, n),
+                    T.addresses(exp_avg_absmaxes if coded else None, n),
+                    T.addresses(exp_avg_sq_absmaxes if coded else None, n),
+                    T.addresses(max_exp_avg_sq_absmaxes if coded and amsgrad else None, n),
+                    rng_seeds if rng_seeds else [0] * n, strict=True))
     table, chunks, programs = T.tables(rows, work, device)
     if programs:
         acc = opmath_dtype(params[0].dtype)

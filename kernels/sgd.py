@@ -94,11 +94,13 @@ def sgd_step(params, grads, momentum_buffers, is_first_step, master_params, comp
     device = params[0].device
     mode = mode_of(master_params, compensations)
     with_momentum = momentum != 0
-    rows = [(p.numel(), p.data_ptr(), grads[i].data_ptr(), T.address(momentum_buffers[i] if with_momentum else None),
-             T.address(master_params[i] if master_params else None),
-             T.address(compensations[i] if compensations else None), int(with_momentum and is_first_step[i]))
-            for i, p in enumerate(params)]
-    table, chunks, programs = T.tables(rows, [r[0] for r in rows], device)
+    n = len(params)
+    work = [p.numel() for p in params]
+    first = [int(f) for f in is_first_step] if with_momentum else [0] * n
+    rows = list(zip(work, T.addresses(params, n), T.addresses(grads, n),
+                    T.addresses(momentum_buffers if with_momentum else None, n), T.addresses(master_params, n),
+                    T.addresses(compensations, n), first, strict=True))
+    table, chunks, programs = T.tables(rows, work, device)
     if programs:
         acc = opmath_dtype(params[0].dtype)
         buf_dtype = momentum_buffers[0].dtype if with_momentum else params[0].dtype

@@ -99,27 +99,11 @@ struct AdagradChunk {
     for (int64_t round = begin; round < end; round += int64_t(kThreads) * kN) {
       const int64_t i = round + int64_t(threadIdx.x) * kN;  // this thread's first element
       const int n = i >= end ? 0 : (end - i < kN ? static_cast<int>(end - i) : kN);
-      Acc s[kN], p[kN], g[kN];
+      Acc s[kN];
       sum.load(i, n, s);
-      // Every load before any store: the thread's kN elements of each array are in flight at once.
-#pragma unroll
-      for (int k = 0; k < kN; ++k) {
-        if (k < n) {
-          Acc one[1];
-          q.param.template load<1>(i + k, one);
-          p[k] = one[0];
-          g[k] = Acc(q.grad[i + k]);
-        }
-      }
-#pragma unroll
-      for (int k = 0; k < kN; ++k) {
-        if (k < n) {
-          Acc one[1] = {p[k]};
-          const Acc old[1] = {p[k]};
-          adagrad_math<false>(h, c, one[0], g[k], s[k]);
-          store_param<1>(q, i + k, one, old, r);
-        }
-      }
+      update_elements<kN, Acc>(
+          q.param, q.grad, i, n, [&](int k, Acc& p, Acc g) { adagrad_math<false>(h, c, p, g, s[k]); },
+          [&](int64_t at, const Acc(&p)[1], const Acc(&old)[1]) { store_param<1>(q, at, p, old, r); });
       const int32_t mine[1] = {largest_bits(s, n)};
       float absmax[1];
       group_absmax<1>(mine, absmax);

@@ -122,29 +122,13 @@ struct AdamChunk {
     for (int64_t round = begin; round < end; round += int64_t(kThreads) * kN) {
       const int64_t i = round + int64_t(threadIdx.x) * kN;  // this thread's first element
       const int n = i >= end ? 0 : (end - i < kN ? static_cast<int>(end - i) : kN);
-      Acc m[kN], v[kN], x[kN] = {}, p[kN], g[kN];
+      Acc m[kN], v[kN], x[kN] = {};
       exp_avg.load(i, n, m);
       exp_avg_sq.load(i, n, v);
       if (h.amsgrad) max_sq.load(i, n, x);
-      // Every load before any store: the thread's kN elements of each array are in flight at once.
-#pragma unroll
-      for (int k = 0; k < kN; ++k) {
-        if (k < n) {
-          Acc one[1];
-          q.param.template load<1>(i + k, one);
-          p[k] = one[0];
-          g[k] = Acc(q.grad[i + k]);
-        }
-      }
-#pragma unroll
-      for (int k = 0; k < kN; ++k) {
-        if (k < n) {
-          Acc one[1] = {p[k]};
-          const Acc old[1] = {p[k]};
-          adam_math(h, c, one[0], g[k], m[k], v[k], x[k]);
-          store_param<1>(q, i + k, one, old, r);
-        }
-      }
+      update_elements<kN, Acc>(
+          q.param, q.grad, i, n, [&](int k, Acc& p, Acc g) { adam_math(h, c, p, g, m[k], v[k], x[k]); },
+          [&](int64_t at, const Acc(&p)[1], const Acc(&old)[1]) { store_param<1>(q, at, p, old, r); });
       const int32_t mine[3] = {largest_bits(m, n), largest_bits(v, n), largest_bits(x, n)};
       float absmax[3];
       group_absmax<3>(mine, absmax);

@@ -94,6 +94,32 @@ struct CodedRun {
   }
 };
 
+// A round's n <= N elements of a parameter (ParamAccess, in its mode) and its gradient: every load
+// issued before any store, so that the thread's N elements are in flight at once; then, for each,
+// math(k, p, g) on the parameter's value p and store(index, p, old).
+template <int N, typename Acc, typename Param, typename G, typename Math, typename Store>
+C10_DEVICE inline void update_elements(const Param& param, const G* grad, int64_t i, int n, Math math, Store store) {
+  Acc p[N], g[N];
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    if (k < n) {
+      Acc one[1];
+      param.template load<1>(i + k, one);
+      p[k] = one[0];
+      g[k] = Acc(grad[i + k]);
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    if (k < n) {
+      Acc now[1] = {p[k]};
+      const Acc old[1] = {p[k]};
+      math(k, now[0], g[k]);
+      store(i + k, now, old);
+    }
+  }
+}
+
 template <int W>
 C10_DEVICE inline int32_t largest_bits(const float (&v)[W], int n) {
   int32_t l = 0;

@@ -21,6 +21,8 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}
     out = subprocess.run([sys.executable, str(Path(__file__).with_name("triton_compile_only.py"))], env=env,
                          capture_output=True, text=True, timeout=1200)
+    if out.returncode == 77:
+        pytest.skip(out.stdout.strip())
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-6000:]
     compiled = set(re.findall(r"^compiled (\w+)$", out.stdout, re.M))
     launched = set(re.findall(r"^def (_\w+_kernel)\(", "".join(p.read_text() for p in KERNELS.glob("*.py")), re.M))

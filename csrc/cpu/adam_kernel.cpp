@@ -55,24 +55,41 @@ void adam_span(const AdamArgs& a, const AdamTensor& t, int64_t lo, int64_t hi) {
   }
 }
 
+// What the run paths read of a tensor: its arrays, and the step's coefficients (scalar and vector).
+template <typename P, typename G, PrecisionMode MODE, typename M>
+struct RunArrays {
+  ParamIo<P, MODE> param;
+  const G* grad;
+  MomentRun<M, true> exp_avg;
+  MomentRun<M, false> exp_avg_sq, max_sq;
+  AdamCoef<float> cs;
+  AdamCoef<Vectorized<float>> cv;
+};
+
+template <typename P, typename G, PrecisionMode MODE, typename M>
+RunArrays<P, G, MODE, M> run_arrays(const AdamArgs& a, const AdamTensor& t) {
+  return {{static_cast<P*>(t.param), t.master, static_cast<P*>(t.compensation)},
+          static_cast<const G*>(t.grad),
+          {t.exp_avg, t.exp_avg_absmax},
+          {t.exp_avg_sq, t.exp_avg_sq_absmax},
+          {t.max_exp_avg_sq, t.max_exp_avg_sq_absmax},
+          adam_coef<float, float>(a.hyper, a.lr, t.step, float(a.grad_mult)),
+          adam_coef<Vectorized<float>, float>(a.hyper, a.lr, t.step, float(a.grad_mult))};
+}
+
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 // int8 moments rounded to nearest: adam_runs with the codes decoded straight into the vector body
 // and each block's absmax gathered there, so that the codec's integer work runs beside the
 // divisions and square roots of the update rather than in passes of its own. Same values as
 // adam_runs: only the order of independent loads and of an exact maximum differs.
 template <typename P, typename G, PrecisionMode MODE>
-void adam_q8_blocks(const AdamArgs& a, const AdamTensor& t, int64_t lo, int64_t hi) {
+void adam_q8_blocks(const AdamArgs& a, const AdamTensor& t, const RunArrays<P, G, MODE, Q8>& r, int64_t lo,
+                    int64_t hi) {
   using V = Vectorized<float>;
   constexpr int64_t kLanes = V::size();
   constexpr int64_t kBlock = block_size<float>();
   static_assert(kLanes == kQ8Lanes && kBlock == 2 * kLanes);
-  const ParamIo<P, MODE> param{static_cast<P*>(t.param), t.master, static_cast<P*>(t.compensation)};
-  auto* grad = static_cast<const G*>(t.grad);
-  const MomentRun<Q8, true> exp_avg{t.exp_avg, t.exp_avg_absmax};
-  const MomentRun<Q8, false> exp_avg_sq{t.exp_avg_sq, t.exp_avg_sq_absmax};
-  const MomentRun<Q8, false> max_sq{t.max_exp_avg_sq, t.max_exp_avg_sq_absmax};
-  const auto cs = adam_coef<float, float>(a.hyper, a.lr, t.step, float(a.grad_mult));
-  const auto cv = adam_coef<V, float>(a.hyper, a.lr, t.step, float(a.grad_mult));
+  const auto& [param, grad, exp_avg, exp_avg_sq, max_sq, cs, cv] = r;
   const bool amsgrad = a.hyper.amsgrad;
 
   alignas(64) float m[kQuantBlock], v[kQuantBlock], x[kQuantBlock];
@@ -137,19 +154,14 @@ template <typename P, typename G, PrecisionMode MODE, typename M>
 void adam_runs(const AdamArgs& a, const AdamTensor& t, int64_t lo, int64_t hi) {
   using V = Vectorized<float>;
   constexpr int64_t kBlock = block_size<float>();
-  const ParamIo<P, MODE> param{static_cast<P*>(t.param), t.master, static_cast<P*>(t.compensation)};
-  auto* grad = static_cast<const G*>(t.grad);
-  const MomentRun<M, true> exp_avg{t.exp_avg, t.exp_avg_absmax};
-  const MomentRun<M, false> exp_avg_sq{t.exp_avg_sq, t.exp_avg_sq_absmax};
-  const MomentRun<M, false> max_sq{t.max_exp_avg_sq, t.max_exp_avg_sq_absmax};
-  const auto cs = adam_coef<float, float>(a.hyper, a.lr, t.step, float(a.grad_mult));
-  const auto cv = adam_coef<V, float>(a.hyper, a.lr, t.step, float(a.grad_mult));
+  const RunArrays<P, G, MODE, M> r = run_arrays<P, G, MODE, M>(a, t);
+  const auto& [param, grad, exp_avg, exp_avg_sq, max_sq, cs, cv] = r;
   const bool amsgrad = a.hyper.amsgrad;
   const bool sr = a.stochastic;
   const bool sr_param = sr && std::is_same_v<P, c10::BFloat16> && MODE == PrecisionMode::PLAIN;
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<M, Q8>) {
-    if (!sr) return adam_q8_blocks<P, G, MODE>(a, t, lo, hi);
+    if (!sr) return adam_q8_blocks<P, G, MODE>(a, t, r, lo, hi);
   }
 #endif
   const auto step = static_cast<int64_t>(t.step);

@@ -65,7 +65,6 @@ struct MomentRun {
     }
   }
 
-
   // Q8: the block's codes and scale, `largest` = the largest finite_magnitude_bits of in[0, n).
   void store_codes(int64_t at, int64_t n, const float* in, int32_t largest, const uint32_t* words, int shift) const {
     const float scale = block_absmax(bits_float(static_cast<uint32_t>(largest)));

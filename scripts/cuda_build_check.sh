@@ -16,6 +16,15 @@ TORCH_PIN=${CUDA_TORCH:-torch==2.14.1}
 export MAX_JOBS=${MAX_JOBS:-2} PYEFF_CUDA_ARCHS=${PYEFF_CUDA_ARCHS:-80;90}
 t0=$SECONDS
 if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import torch; assert torch.version.cuda" 2>/dev/null; then
+  # The CUDA torch and its libraries take about 6 GB installed, and as much again while pip unpacks
+  # them: say so up front rather than fail half-way with ENOSPC.
+  mkdir -p "$(dirname "$VENV")"
+  free_gb=$(df -P -BG "$(dirname "$VENV")" "${TMPDIR:-/tmp}" | awk 'NR > 1 {gsub("G", "", $4); print $4}' | sort -n | head -1)
+  if [ "$free_gb" -lt "${CUDA_VENV_MIN_GB:-12}" ]; then
+    echo "cuda-build-check: ${free_gb} GB free where $VENV and pip's temporary files go; the CUDA torch needs" \
+         "about ${CUDA_VENV_MIN_GB:-12} GB (free some space, or point CUDA_VENV / TMPDIR elsewhere)" >&2
+    exit 1
+  fi
   python3 -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q "$TORCH_PIN" ninja numpy "setuptools>=77"

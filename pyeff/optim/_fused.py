@@ -22,6 +22,8 @@ allocate nothing and a whole iteration can be captured in a CUDA graph.
 
 from __future__ import annotations
 
+from itertools import accumulate
+
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
@@ -31,6 +33,7 @@ from ..ops._registry import BACKENDS
 from ..ops.grad_stats import grad_stats
 from ..ops.step_control import step_control
 from . import _dtensor, _state
+from ._plan import StepPlan
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 # The device types pyeff has fused (compiled or Triton) kernels for; others get the reference.
@@ -61,6 +64,9 @@ class FusedOptimizer(Optimizer):
     _MOMENTS: tuple[tuple[str, bool], ...] = ()  # (state key, signed) of the moments (NOTE [state formats])
     # Group keys that older checkpoints may lack, with the values torch.optim's __setstate__ gives them.
     _GROUP_DEFAULTS: dict[str, object] = {}
+    # Group settings that decide which state a parameter has and what goes into the lists (NOTE [step plans]).
+    _PLAN_KEYS: tuple[str, ...] = ("differentiable", "fused", "master_weights", "kahan_summation", "state_dtype",
+                                   "stochastic_rounding", "seed")
 
     def __init__(self, params, defaults: dict, *, max_grad_norm: float | None, backend: str | None):
         if max_grad_norm is not None and not max_grad_norm > 0:
@@ -82,6 +88,7 @@ class FusedOptimizer(Optimizer):
         # place (torch.compile replays that, but not attribute assignments on an optimizer).
         self._buffers: dict[torch.device, _StepBuffers] = {}
         self._last_step: dict[str, object] = {}
+        self._plans: dict[int, StepPlan] = {}  # id(group) -> its step plan (NOTE [step plans])
         # grads -> float32 [sum of squares, non-finite] of exactly these gradients, or None.
         self.grad_stats_provider = None
         super().__init__(params, defaults)
@@ -104,6 +111,7 @@ class FusedOptimizer(Optimizer):
         self.__dict__.setdefault("backend", None)
         self.__dict__.setdefault("_buffers", {})
         self.__dict__.setdefault("_last_step", {})
+        self.__dict__["_plans"] = {}
         self.__dict__.setdefault("grad_stats_provider", None)
         for group in self.param_groups:
             for key, value in self._GROUP_DEFAULTS.items():
@@ -200,32 +208,39 @@ class FusedOptimizer(Optimizer):
         _check_differentiable(group)
 
     # -- the step
-    def _check_inputs(self) -> None:
-        """Every check that can fail, before any parameter or state is written."""
-        name = type(self).__name__
-        for group in self.param_groups:
+    def _check_inputs(self, walked: list[bool] | None = None) -> None:
+        """Every check that can fail, before any parameter or state is written: every group's
+        settings, and the parameters and gradients of the groups that are walked (`walked[i]`, default
+        all); a group that reuses its step plan had them checked by it (NOTE [step plans])."""
+        for i, group in enumerate(self.param_groups):
             self._validate_group(group)
-            if group.get("fused"):  # torch.optim's check: where no fused kernel exists, say so
-                for p in group["params"]:
-                    if p.device.type not in FUSED_DEVICES or not torch.is_floating_point(p):
-                        raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of "
-                                           f"supported devices: {list(FUSED_DEVICES)}.")
+            if walked is None or walked[i]:
+                self._check_params(group)
+
+    def _check_params(self, group: dict) -> None:
+        """The checks of a group's parameters and gradients; subclasses add theirs to these."""
+        name = type(self).__name__
+        if group.get("fused"):  # torch.optim's check: where no fused kernel exists, say so
             for p in group["params"]:
-                g = p.grad
-                if g is None:
-                    continue
-                if g.is_sparse and not self._supports_sparse_grads:
-                    raise RuntimeError(f"{name} does not support sparse gradients, please consider SparseAdam instead")
-                if g.dtype != p.dtype and not (g.dtype in _MIXABLE and p.dtype in _MIXABLE):
-                    raise RuntimeError(f"{name}: a gradient of dtype {g.dtype} for a parameter of dtype {p.dtype}; "
-                                       "gradients must have their parameter's dtype (float32, bfloat16 and "
-                                       "float16 parameters also take float32, bfloat16 or float16 gradients)")
-                if g.device != p.device:
-                    raise RuntimeError(f"{name}: a gradient on {g.device} for a parameter on {p.device}; "
-                                       "gradients must be on their parameter's device")
-                if g.shape != p.shape:
-                    raise RuntimeError(f"{name}: a gradient of shape {tuple(g.shape)} for a parameter of shape "
-                                       f"{tuple(p.shape)}")
+                if p.device.type not in FUSED_DEVICES or not torch.is_floating_point(p):
+                    raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of "
+                                       f"supported devices: {list(FUSED_DEVICES)}.")
+        for p in group["params"]:
+            g = p.grad
+            if g is None:
+                continue
+            if g.is_sparse and not self._supports_sparse_grads:
+                raise RuntimeError(f"{name} does not support sparse gradients, please consider SparseAdam instead")
+            if g.dtype != p.dtype and not (g.dtype in _MIXABLE and p.dtype in _MIXABLE):
+                raise RuntimeError(f"{name}: a gradient of dtype {g.dtype} for a parameter of dtype {p.dtype}; "
+                                   "gradients must have their parameter's dtype (float32, bfloat16 and "
+                                   "float16 parameters also take float32, bfloat16 or float16 gradients)")
+            if g.device != p.device:
+                raise RuntimeError(f"{name}: a gradient on {g.device} for a parameter on {p.device}; "
+                                   "gradients must be on their parameter's device")
+            if g.shape != p.shape:
+                raise RuntimeError(f"{name}: a gradient of shape {tuple(g.shape)} for a parameter of shape "
+                                   f"{tuple(p.shape)}")
 
     def _grad_stats(self, grads: list[Tensor], out: Tensor, shard_group) -> Tensor:
         """grad_stats of `grads` into `out`: the provider's when it has them, else one pass, summed
@@ -268,19 +283,54 @@ class FusedOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         with torch.set_grad_enabled(self.defaults["differentiable"]):
-            self._check_inputs()
             calls = []
-            for group in self.param_groups:
-                lists = [[] for _ in self._LISTS]
-                has_complex = self._init_group(group, *lists)
-                if lists[0]:
-                    calls.append((group, dict(zip(self._LISTS, lists)), has_complex))
+            for group, lists, has_complex in self._group_lists():
+                if lists["params"]:
+                    calls.append((group, lists, has_complex))
             shard_group = _dtensor.unwrap(calls)
             grad_mult, found_inf = self._mixed_precision_prologue([g for _, lists, _ in calls for g in lists["grads"]],
                                                                   shard_group)
             for group, lists, has_complex in calls:
                 self._update(group, lists, has_complex, grad_mult, found_inf)
         return loss
+
+    def _group_lists(self) -> list[tuple[dict, dict[str, list], bool]]:
+        """(group, op lists, has_complex) of every group, after every check: from the group's step
+        plan where it still holds, else from a full walk, kept as the next step's plan where it
+        may be (NOTE [step plans])."""
+        plans = {} if torch.compiler.is_compiling() else self._plans
+        offsets = [0, *accumulate(len(g["params"]) for g in self.param_groups)]
+        layouts = [self._plan_layout(g, offset) for g, offset in zip(self.param_groups, offsets)]
+        reused = []
+        for group, layout in zip(self.param_groups, layouts):
+            plan = plans.get(id(group))
+            reused.append(plan.reuse(self.state, group, layout) if plan is not None and plan.group is group else None)
+        self._check_inputs([lists is None for lists in reused])
+        out, kept = [], {}
+        for group, layout, lists in zip(self.param_groups, layouts, reused):
+            if lists is not None:
+                kept[id(group)] = plans[id(group)]
+                out.append((group, lists, kept[id(group)].has_complex))
+                continue
+            walked = [[] for _ in self._LISTS]
+            has_complex = self._init_group(group, *walked)
+            lists = dict(zip(self._LISTS, walked))
+            out.append((group, lists, has_complex))
+            if not group["differentiable"] and self._keepable(lists):
+                kept[id(group)] = StepPlan(self.state, group, layout, lists, has_complex)
+        if not torch.compiler.is_compiling():
+            self._plans = kept
+        return out
+
+    def _plan_layout(self, group: dict, offset: int) -> tuple:
+        """What decides a group's state and lists besides its parameters and their state: the group
+        settings `_PLAN_KEYS`, and its first parameter's place among the optimizer's (the seeds of
+        stochastic rounding)."""
+        return (offset, *(group.get(k) for k in self._PLAN_KEYS))
+
+    def _keepable(self, lists: dict[str, list]) -> bool:
+        """Whether a walk's lists may be reused by the next step (subclasses: none made for one step)."""
+        return StepPlan.keepable(lists)
 
     # -- checkpoints
     def load_state_dict(self, state_dict) -> None:

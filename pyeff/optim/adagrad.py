@@ -141,21 +141,20 @@ class Adagrad(FusedOptimizer):
                                group.get("initial_accumulator_value", 0), group["eps"])
         _state.check_group(group)
 
-    def _check_inputs(self):
-        super()._check_inputs()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None or not p.grad.is_sparse:
-                    continue
-                if group["weight_decay"] != 0:
-                    raise RuntimeError(SPARSE_WEIGHT_DECAY)
-                if self.state[p].get("sum") is not None and self.state[p]["sum"].dtype == torch.uint8:
-                    raise RuntimeError("Adagrad: int8 block codes of 'sum' (`state_dtype='int8'`) take dense gradients "
-                                       "only; use state_dtype=torch.bfloat16 (with stochastic_rounding) for sparse ones")
-                if torch.is_complex(p) and not group["differentiable"]:
-                    raise RuntimeError("Adagrad: sparse gradients of complex parameters are not supported by the "
-                                       "fused step; use torch.optim.Adagrad for them")
-                check_sparse_indices(p.grad, "Adagrad")
+    def _check_params(self, group):
+        super()._check_params(group)
+        for p in group["params"]:
+            if p.grad is None or not p.grad.is_sparse:
+                continue
+            if group["weight_decay"] != 0:
+                raise RuntimeError(SPARSE_WEIGHT_DECAY)
+            if self.state[p].get("sum") is not None and self.state[p]["sum"].dtype == torch.uint8:
+                raise RuntimeError("Adagrad: int8 block codes of 'sum' (`state_dtype='int8'`) take dense gradients "
+                                   "only; use state_dtype=torch.bfloat16 (with stochastic_rounding) for sparse ones")
+            if torch.is_complex(p) and not group["differentiable"]:
+                raise RuntimeError("Adagrad: sparse gradients of complex parameters are not supported by the "
+                                   "fused step; use torch.optim.Adagrad for them")
+            check_sparse_indices(p.grad, "Adagrad")
 
     def _init_param(self, group, p, lists):
         state = self.state[p]

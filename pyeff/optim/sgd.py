@@ -52,6 +52,7 @@ class SGD(FusedOptimizer):
     _supports_sparse_grads = True  # checked per group in _check_inputs: torch's own step takes them
     _LISTS = ("params", "grads", "momentum_buffers", "is_first_step", "master_params", "compensations")
     _MOMENTS = (("momentum_buffer", True),)  # checkpoints: kept in fp32 beside master weights
+    _PLAN_KEYS = (*FusedOptimizer._PLAN_KEYS, "momentum")
     _GROUP_DEFAULTS = {"nesterov": False, "maximize": False, "foreach": None, "differentiable": False, "fused": False}
 
     def __init__(
@@ -93,15 +94,17 @@ class SGD(FusedOptimizer):
         _check_hyperparameters(checkable(group["lr"]), group["momentum"], group["dampening"], group["weight_decay"],
                                group["nesterov"])
 
-    def _check_inputs(self):
-        super()._check_inputs()
-        for group in self.param_groups:
-            if group["differentiable"]:
-                continue
-            for p in group["params"]:
-                if p.grad is not None and p.grad.is_sparse:
-                    raise RuntimeError("SGD: sparse gradients are not supported by the fused step (nor by "
-                                       "torch.optim.SGD's `fused=True`); use torch.optim.SGD for them")
+    def _check_params(self, group):
+        super()._check_params(group)
+        if group["differentiable"]:
+            return
+        for p in group["params"]:
+            if p.grad is not None and p.grad.is_sparse:
+                raise RuntimeError("SGD: sparse gradients are not supported by the fused step (nor by "
+                                   "torch.optim.SGD's `fused=True`); use torch.optim.SGD for them")
+
+    def _keepable(self, lists):  # a first step's momentum buffers are new tensors, kept in state after it
+        return super()._keepable(lists) and not any(lists["is_first_step"])
 
     def _init_param(self, group, p, lists):
         mode = low_precision_mode(group, p) if p.dtype in LOW_PRECISION else "plain"

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <optional>
+#include <ostream>
 #include <string>
 #include <vector>
 
@@ -66,9 +67,23 @@ inline std::vector<int64_t> numel_offsets(at::TensorList tensors) {
   return offsets;
 }
 
+// An argument's name in an error message: `name`, or `name[index]` for an element of a list. Built
+// only when a check fails (a step checks every parameter's tensors: nothing is allocated for them).
+struct ArgName {
+  ArgName(const char* name, int64_t index = -1) : name(name), index(index) {}  // NOLINT: from a literal
+  const char* name;
+  int64_t index;
+};
+
+inline std::ostream& operator<<(std::ostream& os, const ArgName& a) {
+  os << a.name;
+  if (a.index >= 0) os << "[" << a.index << "]";
+  return os;
+}
+
 // A one-element float32 (or, with `fp64_ok`, float64) tensor on `device`: a step count, a flag, a
 // scale, a learning rate.
-inline void check_scalar(const char* op, const std::string& name, const at::Tensor& t, const c10::Device& device,
+inline void check_scalar(const char* op, const ArgName& name, const at::Tensor& t, const c10::Device& device,
                          bool fp64_ok = true, int64_t numel = 1) {
   TORCH_CHECK(t.numel() == numel, op, ": expected ", name, " to have ",
               numel == 1 ? std::string("one element") : std::to_string(numel) + " elements", ", got ", t.numel());
@@ -259,7 +274,7 @@ OptimizerInputs check_optimizer_step(const char* op, at::TensorList params, at::
     check_grad(i, p, in.grad_dtype);
     check_state(i, p, in.state);
     in.low.check(op, i, p, in.dtype);
-    if (state_steps) check_scalar(op, "state_steps[" + std::to_string(i) + "]", (*state_steps)[i], device);
+    if (state_steps) check_scalar(op, {"state_steps", static_cast<int64_t>(i)}, (*state_steps)[i], device);
   }
   check_controls(op, device, grad_mult, found_inf, lr_tensor);
   return in;

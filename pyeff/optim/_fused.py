@@ -298,7 +298,8 @@ class FusedOptimizer(Optimizer):
         """(group, op lists, has_complex) of every group, after every check: from the group's step
         plan where it still holds, else from a full walk, kept as the next step's plan where it
         may be (NOTE [step plans])."""
-        plans = {} if torch.compiler.is_compiling() else self._plans
+        compiling = torch.compiler.is_compiling()  # the walk is traced every time, as torch.optim's
+        plans = {} if compiling else self._plans
         offsets = [0, *accumulate(len(g["params"]) for g in self.param_groups)]
         layouts = [self._plan_layout(g, offset) for g, offset in zip(self.param_groups, offsets)]
         reused = []
@@ -316,9 +317,9 @@ class FusedOptimizer(Optimizer):
             has_complex = self._init_group(group, *walked)
             lists = dict(zip(self._LISTS, walked))
             out.append((group, lists, has_complex))
-            if not group["differentiable"] and self._keepable(lists):
+            if not compiling and not group["differentiable"] and self._keepable(lists):
                 kept[id(group)] = StepPlan(self.state, group, layout, lists, has_complex)
-        if not torch.compiler.is_compiling():
+        if not compiling:
             self._plans = kept
         return out
 

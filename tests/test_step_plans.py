@@ -11,6 +11,9 @@ import pytest
 import torch
 from _optimizers import OPTIMIZERS, assert_optimizers_match, make_params, pair, set_grads
 
+import pyeff
+from pyeff.optim._plan import StepPlan
+
 
 def _new_param(params, seed):
     return torch.nn.Parameter(torch.randn(4, 2, generator=torch.Generator().manual_seed(seed)))
@@ -142,3 +145,46 @@ def test_a_state_entry_added_between_steps_is_read():
     opt.state[p]["exp_avg_absmax"] = torch.ones(20)
     with pytest.raises(RuntimeError, match="expected exp_avg_absmaxes to hold 0 tensors"):
         opt.step()
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_a_plan_keeps_no_state_alive(name):
+    # Clearing the state between steps (to give its memory back) must free it, as with torch.optim.
+    import gc
+    import weakref
+
+    params = [torch.nn.Parameter(p) for p in make_params(torch.float32)]
+    opt = OPTIMIZERS[name].pyeff(params)
+    for step in range(3):
+        set_grads(step, params)
+        opt.step()
+    refs = [weakref.ref(t) for st in opt.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
+    assert refs
+    opt.state.clear()
+    gc.collect()
+    assert all(r() is None for r in refs)
+
+
+def test_a_replaced_state_tensor_goes_through_the_walk():
+    # The walk converts what it finds (here bf16 moments beside fp32 master weights, torch's layout,
+    # back to fp32); a step must not skip that because the lists could be built without it.
+    p = torch.nn.Parameter(torch.randn(64, dtype=torch.bfloat16))
+    opt = pyeff.optim.AdamW([p], master_weights=True)
+    for step in range(2):
+        set_grads(step, [p])
+        opt.step()
+    opt.state[p]["exp_avg"] = opt.state[p]["exp_avg"].to(torch.bfloat16)
+    set_grads(2, [p])
+    opt.step()
+    assert opt.state[p]["exp_avg"].dtype == torch.float32
+
+
+def test_lists_with_tensors_of_their_own_are_not_kept():
+    p = torch.nn.Parameter(torch.randn(3))
+    p.grad = torch.randn(3)
+    group = {"params": [p]}
+    state = {p: {"step": torch.zeros(())}}
+    kept = {"params": [p], "grads": [p.grad], "steps": [state[p]["step"]], "flags": [True]}
+    assert StepPlan.of(state, group, (), kept, False) is not None
+    made_here = {**kept, "buffers": [torch.zeros(3)]}  # as SGD's first momentum buffers
+    assert StepPlan.of(state, group, (), made_here, False) is None

@@ -317,8 +317,10 @@ class FusedOptimizer(Optimizer):
             has_complex = self._init_group(group, *walked)
             lists = dict(zip(self._LISTS, walked))
             out.append((group, lists, has_complex))
-            if not compiling and not group["differentiable"] and self._keepable(lists):
-                kept[id(group)] = StepPlan(self.state, group, layout, lists, has_complex)
+            plan = None if compiling or group["differentiable"] else StepPlan.of(self.state, group, layout, lists,
+                                                                                    has_complex)
+            if plan is not None:
+                kept[id(group)] = plan
         if not compiling:
             self._plans = kept
         return out
@@ -328,10 +330,6 @@ class FusedOptimizer(Optimizer):
         settings `_PLAN_KEYS`, and its first parameter's place among the optimizer's (the seeds of
         stochastic rounding)."""
         return (offset, *(group.get(k) for k in self._PLAN_KEYS))
-
-    def _keepable(self, lists: dict[str, list]) -> bool:
-        """Whether a walk's lists may be reused by the next step (subclasses: none made for one step)."""
-        return StepPlan.keepable(lists)
 
     # -- checkpoints
     def load_state_dict(self, state_dict) -> None:

@@ -13,22 +13,28 @@ when everything the walk read is as it was:
 - the same parameters have gradients, of the dtypes, devices and shapes the walk checked, none
   sparse, and the parameters have their dtypes still;
 - `optimizer.state` is the same mapping (load_state_dict replaces it), each parameter's state is
-  the same dict, with as many entries, holding the same tensors (identity).
+  the same dict, with as many entries, holding the same tensors.
 
 These checks are C loops over lists (`map` over attribute and item getters, about a tenth of the
-walk). Anything else edited between steps is read by the kernels at the step (tensor values, a
-learning rate, the other hyper-parameters), so nothing a user can change through torch.optim's
-interface is missed; a change the checks see sends the group through the full walk, which raises
-the same errors as before. The walk runs every step under torch.compile (which traces it and
-guards on the state, as torch.optim's `_init_group`) and with differentiable=True; a step whose
-lists hold tensors made for that step only (SGD's first momentum buffers, coalesced sparse
-gradients) keeps no plan.
+walk). A plan keeps where each list comes from (the parameters, the gradients, one state entry of
+each parameter, or a list without tensors), not the state itself: state dicts and tensors are
+compared by id(), so that clearing the state between steps frees it, as with torch.optim. (An
+object freed and replaced by a new one at the same address passes that comparison; the lists are
+built from the current state all the same, and the op checks every tensor it is given.) Anything
+else edited between steps is read by the kernels at the step (tensor values, a learning rate, the
+other hyper-parameters), so nothing a user can change through torch.optim's interface is missed; a
+change the checks see sends the group through the full walk, which raises the same errors as
+before. The walk runs every step under torch.compile (which traces it and guards on the state, as
+torch.optim's `_init_group`) and with differentiable=True; a step whose lists hold tensors made for
+that step only (SGD's first momentum buffers, coalesced sparse gradients) keeps no plan.
 """
 
 from __future__ import annotations
 
 from itertools import compress, repeat
 from operator import attrgetter, is_, is_not
+
+from torch import Tensor
 
 _GRAD, _DTYPE, _DEVICE, _SHAPE, _IS_SPARSE = (attrgetter(a) for a in ("grad", "dtype", "device", "shape", "is_sparse"))
 _NO_STATE: dict = {}  # stands for a parameter without a state entry (torch.optim.SGD without momentum); never written
@@ -39,36 +45,56 @@ def _same(xs, ys) -> bool:
 
 
 class StepPlan:
-    """One group's op lists from a full walk, and what the walk read (NOTE [step plans])."""
+    """One group's op lists from a full walk, as where each comes from, and what the walk read
+    (NOTE [step plans]). It keeps no state: state dicts and tensors are compared by id()."""
 
-    def __init__(self, state, group: dict, layout: tuple, lists: dict, has_complex: bool):
-        params = lists["params"]
+    def __init__(self, state, group: dict, layout: tuple, params: list, values: dict, recipes: dict,
+                 grads: list, has_complex: bool):
         self.group = group
         self.group_params = list(group["params"])
         self.layout = layout
-        self.state = state
+        self.state_id = id(state)
         self.with_grad = [p.grad is not None for p in self.group_params]
         self.all_grads = all(self.with_grad)
-        self.states = list(map(state.get, params, repeat(_NO_STATE)))
-        self.lengths = list(map(len, self.states))
-        self.values = {k: list(map(dict.get, self.states, repeat(k))) for k in set().union(*self.states)}
+        self.params = params
+        states = list(map(state.get, params, repeat(_NO_STATE)))
+        self.state_ids = list(map(id, states))
+        self.lengths = list(map(len, states))
+        self.value_ids = {k: list(map(id, v)) for k, v in values.items()}
+        self.recipes = recipes
         self.param_dtypes = list(map(_DTYPE, params))
-        self.grad_dtypes = list(map(_DTYPE, lists["grads"]))
+        self.grad_dtypes = list(map(_DTYPE, grads))
         self.devices = list(map(_DEVICE, params))
         self.shapes = list(map(_SHAPE, params))
-        self.lists = {k: None if k == "grads" else v for k, v in lists.items()}
         self.has_complex = has_complex
 
-    @staticmethod
-    def keepable(lists: dict) -> bool:
-        """Whether a walk's lists may be kept: not with sparse gradients (coalesced for the step)."""
-        return not any(map(_IS_SPARSE, lists["grads"]))
+    @classmethod
+    def of(cls, state, group: dict, layout: tuple, lists: dict, has_complex: bool) -> StepPlan | None:
+        """The plan of a walk's lists, or None where a list holds tensors that are neither the
+        parameters, their gradients nor one state entry of each parameter (made for this step only).
+        (Sparse gradients, which the walk coalesces, never pass `reuse`.)"""
+        params, grads = lists["params"], lists["grads"]
+        states = list(map(state.get, params, repeat(_NO_STATE)))
+        values = {k: list(map(dict.get, states, repeat(k))) for k in set().union(*states)}
+        recipes = {}
+        for name, ts in lists.items():
+            if ts is params or ts is grads:
+                recipes[name] = (name, None)
+                continue
+            key = next((k for k, v in values.items() if _same(ts, v)), None)
+            if key is not None:
+                recipes[name] = ("state", key)
+            elif not any(isinstance(t, Tensor) for t in ts):
+                recipes[name] = ("as is", list(ts))
+            else:
+                return None
+        return cls(state, group, layout, params, values, recipes, grads, has_complex)
 
     def reuse(self, state, group: dict, layout: tuple) -> dict | None:
-        """This step's op lists (the kept ones with this step's gradients), or None where anything
-        the walk read has changed."""
+        """This step's op lists, built from the parameters, this step's gradients and the current
+        state, or None where anything the walk read has changed."""
         params = group["params"]
-        if state is not self.state or layout != self.layout or not _same(params, self.group_params):
+        if id(state) != self.state_id or layout != self.layout or not _same(params, self.group_params):
             return None
         grads = list(map(_GRAD, params))
         with_grad = list(map(is_not, grads, repeat(None)))
@@ -76,17 +102,19 @@ class StepPlan:
             return None
         if not self.all_grads:
             grads = list(compress(grads, with_grad))
-        stepped = self.lists["params"]
+        stepped = self.params
         states = list(map(state.get, stepped, repeat(_NO_STATE)))
-        if not _same(states, self.states) or list(map(len, states)) != self.lengths:
+        if list(map(id, states)) != self.state_ids or list(map(len, states)) != self.lengths:
             return None
-        for key, values in self.values.items():
-            if not all(map(is_, map(dict.get, states, repeat(key)), values)):
+        values = {}
+        for key, ids in self.value_ids.items():
+            values[key] = list(map(dict.get, states, repeat(key)))
+            if list(map(id, values[key])) != ids:
                 return None
         if (list(map(_DTYPE, grads)) != self.grad_dtypes or list(map(_SHAPE, grads)) != self.shapes
                 or list(map(_DEVICE, grads)) != self.devices or any(map(_IS_SPARSE, grads))
                 or list(map(_DTYPE, stepped)) != self.param_dtypes):
             return None
-        lists = dict(self.lists)
-        lists["grads"] = grads
-        return lists
+        made = {"params": list(stepped), "grads": grads}
+        return {name: made[name] if kind in made else values[arg] if kind == "state" else list(arg)
+                for name, (kind, arg) in self.recipes.items()}

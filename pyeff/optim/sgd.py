@@ -103,9 +103,6 @@ class SGD(FusedOptimizer):
                 raise RuntimeError("SGD: sparse gradients are not supported by the fused step (nor by "
                                    "torch.optim.SGD's `fused=True`); use torch.optim.SGD for them")
 
-    def _keepable(self, lists):  # a first step's momentum buffers are new tensors, kept in state after it
-        return super()._keepable(lists) and not any(lists["is_first_step"])
-
     def _init_param(self, group, p, lists):
         mode = low_precision_mode(group, p) if p.dtype in LOW_PRECISION else "plain"
         # torch.optim.SGD creates no state entry until it has a momentum buffer to keep.

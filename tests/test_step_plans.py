@@ -5,6 +5,8 @@ its torch.optim twin, and the two must go on matching; a plan must be reused whe
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections import defaultdict
 
 import pytest
@@ -13,6 +15,16 @@ from _optimizers import OPTIMIZERS, assert_optimizers_match, make_params, pair, 
 
 import pyeff
 from pyeff.optim._plan import StepPlan
+
+
+def _stepped(name, steps=3):
+    """Parameters and a pyeff optimizer that has stepped over them (so it keeps a plan)."""
+    params = [torch.nn.Parameter(p) for p in make_params(torch.float32)]
+    opt = OPTIMIZERS[name].pyeff(params)
+    for step in range(steps):
+        set_grads(step, params)
+        opt.step()
+    return params, opt
 
 
 def _new_param(params, seed):
@@ -106,11 +118,7 @@ def test_plan_is_reused_while_nothing_changes(name, monkeypatch):
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_bad_gradient_after_reused_steps_raises_before_writing(name):
-    params = [torch.nn.Parameter(p) for p in make_params(torch.float32)]
-    opt = OPTIMIZERS[name].pyeff(params)
-    for step in range(3):
-        set_grads(step, params)
-        opt.step()
+    params, opt = _stepped(name)
     before = [p.detach().clone() for p in params]
     state_before = {k: v.clone() for k, v in opt.state[params[0]].items()}
     def shape(p):  # .data may give the same gradient tensor another shape
@@ -150,14 +158,7 @@ def test_a_state_entry_added_between_steps_is_read():
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_a_plan_keeps_no_state_alive(name):
     # Clearing the state between steps (to give its memory back) must free it, as with torch.optim.
-    import gc
-    import weakref
-
-    params = [torch.nn.Parameter(p) for p in make_params(torch.float32)]
-    opt = OPTIMIZERS[name].pyeff(params)
-    for step in range(3):
-        set_grads(step, params)
-        opt.step()
+    params, opt = _stepped(name)
     refs = [weakref.ref(t) for st in opt.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
     assert refs
     opt.state.clear()

@@ -132,8 +132,8 @@ class SGD(FusedOptimizer):
         super()._update(group, lists, has_complex, grad_mult, found_inf)
         if group["differentiable"]:  # torch's own step kept its buffers (_differentiable_update)
             return
-        new = [(p, b) for p, b, first in zip(lists["params"], lists["momentum_buffers"], lists["is_first_step"])
-               if first]
+        first = lists["is_first_step"]
+        new = [(p, b) for p, b, f in zip(lists["params"], lists["momentum_buffers"], first) if f] if any(first) else []
         # A skipped first step creates no buffer, as torch's skipped step does not: decided by reading
         # found_inf, a sync on CUDA, but only at a step that creates buffers.
         if new and (found_inf is None or not found_inf.item()):

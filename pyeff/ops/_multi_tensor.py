@@ -10,13 +10,11 @@ gradient assigned by hand in another layout).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from operator import attrgetter
 
 import torch
 from torch import Tensor
 
 TensorLists = dict[str, list[Tensor]]
-_DEVICE, _DTYPE = attrgetter("device"), attrgetter("dtype")  # for C loops (map) over tensors
 
 
 def group_by_device_and_dtype(lists: TensorLists, keys: Sequence[str] = ("params", "grads")) -> dict[tuple, TensorLists]:
@@ -26,8 +24,8 @@ def group_by_device_and_dtype(lists: TensorLists, keys: Sequence[str] = ("params
     Lists that are empty (optional state not in use) stay empty in every bucket.
     """
     first = lists[keys[0]]
-    devices = set(map(_DEVICE, first))
-    dtypes = [set(map(_DTYPE, lists[k])) for k in keys]
+    devices = {t.device for t in first}
+    dtypes = [{t.dtype for t in lists[k]} for k in keys]
     if len(devices) == 1 and all(len(d) == 1 for d in dtypes):  # the common case, without a key per tensor
         return {(*devices, *(d.pop() for d in dtypes)): lists} if first else {}
     buckets: dict[tuple, list[int]] = {}

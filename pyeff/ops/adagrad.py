@@ -33,7 +33,6 @@ code and a bfloat16 parameter without master weights or compensation is rounded 
 
 from __future__ import annotations
 
-from operator import attrgetter
 from typing import List  # schemas: torch < 2.7 cannot read list[Tensor]
 
 import torch
@@ -171,10 +170,10 @@ def _with_kernel_layouts(bucket: dict[str, list], carried: tuple[str, ...] = ())
     kernels address rows in the parameter and its state, so those must be contiguous. Those come
     last; the `carried` lists (per tensor, not laid out like it) follow the same order untouched."""
     kept = {name: bucket.pop(name) for name in carried}
-    if not any(map(attrgetter("is_sparse"), bucket["grads"])):  # the common case, in a C loop
+    sparse_at = [i for i, g in enumerate(bucket["grads"]) if g.is_sparse]
+    if not sparse_at:
         lists, write_back = make_dense(bucket, _MUTATED)
         return {**lists, **kept}, write_back
-    sparse_at = [i for i, g in enumerate(bucket["grads"]) if g.is_sparse]
     is_sparse = set(sparse_at)
     dense_at = [i for i in range(len(bucket["params"])) if i not in is_sparse]
 

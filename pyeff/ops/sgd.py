@@ -99,7 +99,7 @@ def sgd_step(
     for (device, *_), bucket in group_by_device_and_dtype(lists).items():
         for name in ("master_params", "compensations"):
             bucket[name] = present_or_empty(bucket[name], name)
-        first = list(map(bool, bucket.pop("is_first_step")))
+        first = [bool(f) for f in bucket.pop("is_first_step")]
         dense, write_back = make_dense(bucket, _MUTATED)
         lr_value, lr_tensor = learning_rate(lr, device)
         SGD(SGD.choose(device, backend), dense["params"], dense["grads"], dense["momentum_buffers"], first,

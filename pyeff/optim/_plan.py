@@ -25,8 +25,9 @@ else edited between steps is read by the kernels at the step (tensor values, a l
 other hyper-parameters), so nothing a user can change through torch.optim's interface is missed; a
 change the checks see sends the group through the full walk, which raises the same errors as
 before. The walk runs every step under torch.compile (which traces it and guards on the state, as
-torch.optim's `_init_group`) and with differentiable=True; a step whose lists hold tensors made for
-that step only (SGD's first momentum buffers, coalesced sparse gradients) keeps no plan.
+torch.optim's `_init_group`) and with differentiable=True. Lists holding tensors made for one step
+only are never reused: SGD's first momentum buffers keep the step from making a plan, and sparse
+gradients (coalesced by the walk) fail the checks of the next.
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ class StepPlan:
     """One group's op lists from a full walk, as where each comes from, and what the walk read
     (NOTE [step plans]). It keeps no state: state dicts and tensors are compared by id()."""
 
-    def __init__(self, state, group: dict, layout: tuple, params: list, values: dict, recipes: dict,
-                 grads: list, has_complex: bool):
+    def __init__(self, state, group: dict, layout: tuple, params: list, states: list, values: dict,
+                 recipes: dict, grads: list, has_complex: bool):
         self.group = group
         self.group_params = list(group["params"])
         self.layout = layout
@@ -57,7 +58,6 @@ class StepPlan:
         self.with_grad = [p.grad is not None for p in self.group_params]
         self.all_grads = all(self.with_grad)
         self.params = params
-        states = list(map(state.get, params, repeat(_NO_STATE)))
         self.state_ids = list(map(id, states))
         self.lengths = list(map(len, states))
         self.value_ids = {k: list(map(id, v)) for k, v in values.items()}
@@ -88,7 +88,7 @@ class StepPlan:
                 recipes[name] = ("as is", list(ts))
             else:
                 return None
-        return cls(state, group, layout, params, values, recipes, grads, has_complex)
+        return cls(state, group, layout, params, states, values, recipes, grads, has_complex)
 
     def reuse(self, state, group: dict, layout: tuple) -> dict | None:
         """This step's op lists, built from the parameters, this step's gradients and the current

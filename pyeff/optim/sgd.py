@@ -49,7 +49,7 @@ class SGD(FusedOptimizer):
         backend (str, optional): force an op backend ('cpu', 'reference', ...); see pyeff.ops.
     """
 
-    _supports_sparse_grads = True  # checked per group in _check_inputs: torch's own step takes them
+    _supports_sparse_grads = True  # checked per group in _check_params: torch's own step takes them
     _LISTS = ("params", "grads", "momentum_buffers", "is_first_step", "master_params", "compensations")
     _MOMENTS = (("momentum_buffer", True),)  # checkpoints: kept in fp32 beside master weights
     _PLAN_KEYS = (*FusedOptimizer._PLAN_KEYS, "momentum")

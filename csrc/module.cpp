@@ -9,6 +9,7 @@
 #include "checks.h"
 #include "cpu/isa.h"
 #include "cpu/stream_kernel.h"
+#include "list_checks.h"
 
 namespace pyeff {
 namespace {
@@ -66,6 +67,6 @@ TORCH_LIBRARY_IMPL(pyeff, CPU, m) { m.impl("stream_inplace_cpu", &stream_inplace
 
 }  // namespace pyeff
 
-// An importable module with no Python-level functions: the ops above are reached as torch.ops.pyeff.*.
-static struct PyModuleDef pyeff_c_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+// The ops above are reached as torch.ops.pyeff.*; the module's own functions are the list checks.
+static struct PyModuleDef pyeff_c_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, pyeff::list_check_methods()};
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&pyeff_c_module); }

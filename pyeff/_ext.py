@@ -17,6 +17,7 @@ BUILD_HINT = (
 
 _NOT_TRIED = object()
 _error = _NOT_TRIED
+_list_checks = _NOT_TRIED
 
 
 def load_error() -> str | None:
@@ -36,6 +37,22 @@ def load_error() -> str | None:
 
 def available() -> bool:
     return load_error() is None
+
+
+def list_checks():
+    """pyeff._C's C loops over lists of tensors (csrc/list_checks.cpp), or None where it is not built
+    or torch.compile is tracing the caller (it cannot trace them); the callers then use their
+    Python twins."""
+    global _list_checks
+    if torch.compiler.is_compiling():
+        return None
+    if _list_checks is _NOT_TRIED:
+        _list_checks = None
+        if available():
+            from pyeff import _C
+
+            _list_checks = _C if hasattr(_C, "one_bucket") else None  # None: a build older than them
+    return _list_checks
 
 
 def cpu_isa() -> str | None:

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .. import _ext
+
 TensorLists = dict[str, list[Tensor]]
 
 
@@ -24,10 +26,13 @@ def group_by_device_and_dtype(lists: TensorLists, keys: Sequence[str] = ("params
     Lists that are empty (optional state not in use) stay empty in every bucket.
     """
     first = lists[keys[0]]
-    devices = {t.device for t in first}
-    dtypes = [{t.dtype for t in lists[k]} for k in keys]
-    if len(devices) == 1 and all(len(d) == 1 for d in dtypes):  # the common case, without a key per tensor
-        return {(*devices, *(d.pop() for d in dtypes)): lists} if first else {}
+    c = _ext.list_checks()
+    if c is not None:
+        one = c.one_bucket([lists[k] for k in keys])
+    else:
+        one = len({t.device for t in first}) == 1 and all(len({t.dtype for t in lists[k]}) == 1 for k in keys)
+    if one:  # the common case, without a key per tensor
+        return {(first[0].device, *(lists[k][0].dtype for k in keys)): lists}
     buckets: dict[tuple, list[int]] = {}
     for i, t in enumerate(first):
         key = (t.device, *(lists[k][i].dtype for k in keys))
@@ -64,7 +69,12 @@ def make_dense(lists: TensorLists, mutated: Sequence[str], key: str = "params"):
     """Return (lists, write_back): lists where every index satisfies the kernels' layout rule, and a
     function that copies results back into the caller's tensors that had to be replaced."""
     ref_list = lists[key]
-    if all(all(map(Tensor.is_contiguous, ts)) for ts in lists.values()):  # the common case, in C
+    c = _ext.list_checks()
+    if c is not None:
+        contiguous = c.all_contiguous(list(lists.values()))
+    else:
+        contiguous = all(all(map(Tensor.is_contiguous, ts)) for ts in lists.values())
+    if contiguous:  # the common case
         return lists, _nothing
     bad = [i for i, p in enumerate(ref_list)
            if not all(_layout_ok(ts[i], p) for ts in lists.values() if ts)]

@@ -15,29 +15,32 @@ when everything the walk read is as it was:
 - `optimizer.state` is the same mapping (load_state_dict replaces it), each parameter's state is
   the same dict, with as many entries, holding the same tensors.
 
-These checks are C loops over lists (`map` over attribute and item getters, about a tenth of the
-walk). A plan keeps where each list comes from (the parameters, the gradients, one state entry of
-each parameter, or a list without tensors), not the state itself: state dicts and tensors are
-compared by id(), so that clearing the state between steps frees it, as with torch.optim. (An
-object freed and replaced by a new one at the same address passes that comparison; the lists are
-built from the current state all the same, and the op checks every tensor it is given.) Anything
-else edited between steps is read by the kernels at the step (tensor values, a learning rate, the
-other hyper-parameters), so nothing a user can change through torch.optim's interface is missed; a
-change the checks see sends the group through the full walk, which raises the same errors as
-before. The walk runs every step under torch.compile (which traces it and guards on the state, as
-torch.optim's `_init_group`) and with differentiable=True. Lists holding tensors made for one step
-only are never reused: SGD's first momentum buffers keep the step from making a plan, and sparse
-gradients (coalesced by the walk) fail the checks of the next.
+These checks are C loops: pyeff._C's `grads_signature` (csrc/list_checks.cpp) reads every
+parameter's gradient and the dtype, layout, device and shape of both into bytes compared with the
+walk's, and `map` over item getters compares the state (with the op's own checks, about a tenth of
+the walk's cost; without pyeff._C there are no plans). A plan keeps where each list comes from (the
+parameters, the gradients, one state entry of each parameter, or a list without tensors), not the
+state itself: state dicts and tensors are compared by id(), so that clearing the state between
+steps frees it, as with torch.optim. (An object freed and replaced by a new one at the same address
+passes that comparison; the lists are built from the current state all the same, and the op checks
+every tensor it is given.) Anything else edited between steps is read by the kernels at the step
+(tensor values, a learning rate, the other hyper-parameters), so nothing a user can change through
+torch.optim's interface is missed; a change the checks see sends the group through the full walk,
+which raises the same errors as before. The walk runs every step under torch.compile (which traces
+it and guards on the state, as torch.optim's `_init_group`) and with differentiable=True. Lists
+holding tensors made for one step only are never kept: SGD's first momentum buffers, and sparse
+gradients (coalesced by the walk), keep the step from making a plan.
 """
 
 from __future__ import annotations
 
-from itertools import compress, repeat
-from operator import attrgetter, is_, is_not
+from itertools import repeat
+from operator import is_
 
 from torch import Tensor
 
-_GRAD, _DTYPE, _DEVICE, _SHAPE, _IS_SPARSE = (attrgetter(a) for a in ("grad", "dtype", "device", "shape", "is_sparse"))
+from .. import _ext
+
 _NO_STATE: dict = {}  # stands for a parameter without a state entry (torch.optim.SGD without momentum); never written
 
 
@@ -50,30 +53,29 @@ class StepPlan:
     (NOTE [step plans]). It keeps no state: state dicts and tensors are compared by id()."""
 
     def __init__(self, state, group: dict, layout: tuple, params: list, states: list, values: dict,
-                 recipes: dict, grads: list, has_complex: bool):
+                 recipes: dict, signature: bytes, has_complex: bool):
         self.group = group
         self.group_params = list(group["params"])
         self.layout = layout
         self.state_id = id(state)
-        self.with_grad = [p.grad is not None for p in self.group_params]
-        self.all_grads = all(self.with_grad)
+        self.signature = signature
         self.params = params
         self.state_ids = list(map(id, states))
         self.lengths = list(map(len, states))
         self.value_ids = {k: list(map(id, v)) for k, v in values.items()}
         self.recipes = recipes
-        self.param_dtypes = list(map(_DTYPE, params))
-        self.grad_dtypes = list(map(_DTYPE, grads))
-        self.devices = list(map(_DEVICE, params))
-        self.shapes = list(map(_SHAPE, params))
         self.has_complex = has_complex
 
     @classmethod
     def of(cls, state, group: dict, layout: tuple, lists: dict, has_complex: bool) -> StepPlan | None:
         """The plan of a walk's lists, or None where a list holds tensors that are neither the
-        parameters, their gradients nor one state entry of each parameter (made for this step only).
-        (Sparse gradients, which the walk coalesces, never pass `reuse`.)"""
+        parameters, their gradients nor one state entry of each parameter (made for this step only:
+        SGD's first momentum buffers, sparse gradients coalesced by the walk), or where pyeff._C's
+        list checks are missing."""
+        checks = _ext.list_checks()
         params, grads = lists["params"], lists["grads"]
+        if checks is None or any(g.is_sparse for g in grads):
+            return None
         states = list(map(state.get, params, repeat(_NO_STATE)))
         values = {k: list(map(dict.get, states, repeat(k))) for k in set().union(*states)}
         recipes = {}
@@ -88,20 +90,20 @@ class StepPlan:
                 recipes[name] = ("as is", list(ts))
             else:
                 return None
-        return cls(state, group, layout, params, states, values, recipes, grads, has_complex)
+        _, signature = checks.grads_signature(group["params"])
+        return cls(state, group, layout, params, states, values, recipes, signature, has_complex)
 
     def reuse(self, state, group: dict, layout: tuple) -> dict | None:
         """This step's op lists, built from the parameters, this step's gradients and the current
         state, or None where anything the walk read has changed."""
         params = group["params"]
-        if id(state) != self.state_id or layout != self.layout or not _same(params, self.group_params):
+        checks = _ext.list_checks()
+        if (checks is None or id(state) != self.state_id or layout != self.layout
+                or not _same(params, self.group_params)):
             return None
-        grads = list(map(_GRAD, params))
-        with_grad = list(map(is_not, grads, repeat(None)))
-        if with_grad != self.with_grad:
+        grads, signature = checks.grads_signature(params)
+        if signature != self.signature:  # which have gradients; dtypes, layouts, devices, shapes
             return None
-        if not self.all_grads:
-            grads = list(compress(grads, with_grad))
         stepped = self.params
         states = list(map(state.get, stepped, repeat(_NO_STATE)))
         if list(map(id, states)) != self.state_ids or list(map(len, states)) != self.lengths:
@@ -111,10 +113,6 @@ class StepPlan:
             values[key] = list(map(dict.get, states, repeat(key)))
             if list(map(id, values[key])) != ids:
                 return None
-        if (list(map(_DTYPE, grads)) != self.grad_dtypes or list(map(_SHAPE, grads)) != self.shapes
-                or list(map(_DEVICE, grads)) != self.devices or any(map(_IS_SPARSE, grads))
-                or list(map(_DTYPE, stepped)) != self.param_dtypes):
-            return None
         made = {"params": list(stepped), "grads": grads}
         return {name: made[name] if kind in made else values[arg] if kind == "state" else list(arg)
                 for name, (kind, arg) in self.recipes.items()}

@@ -1,0 +1,140 @@
+// C loops over a step's Python lists of tensors: the per-tensor reads that an optimizer step and
+// the op layer repeat at every step (devices, dtypes, shapes, layouts, gradients) cost 40-60 ns per
+// tensor and per read from Python, a few ns here. They only inspect. `one_bucket` and
+// `all_contiguous` have Python twins in pyeff/ops/_multi_tensor.py (for torch.compile, which cannot
+// trace them, and builds without pyeff._C); `grads_signature` is what lets a step plan be reused
+// (NOTE [step plans] in pyeff/optim/_plan.py), and without it there are no plans.
+#include <Python.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "list_checks.h"
+
+namespace pyeff {
+namespace {
+
+// A borrowed reference to items[i] of a list or tuple (PySequence_Fast), or nullptr with TypeError.
+struct Items {
+  PyObject* seq;
+  Py_ssize_t size;
+  PyObject** items;
+  explicit Items(PyObject* obj) : seq(PySequence_Fast(obj, "expected a list or tuple")) {
+    size = seq ? PySequence_Fast_GET_SIZE(seq) : 0;
+    items = seq ? PySequence_Fast_ITEMS(seq) : nullptr;
+  }
+  ~Items() { Py_XDECREF(seq); }
+  Items(const Items&) = delete;
+  Items& operator=(const Items&) = delete;
+};
+
+void append_tensor(std::vector<int64_t>& out, const at::Tensor& t) {
+  out.push_back(static_cast<int64_t>(t.scalar_type()));
+  out.push_back(static_cast<int64_t>(t.layout()));
+  out.push_back(static_cast<int64_t>(t.device().type()));
+  out.push_back(t.device().index());
+  out.push_back(t.dim());
+  for (int64_t s : t.sizes()) out.push_back(s);
+}
+
+// grads_signature(params) -> (grads, signature): the gradients of the parameters that have one, in
+// order, and bytes that differ whenever which parameters have a gradient, or the dtype, layout,
+// device or shape of a parameter with a gradient or of its gradient, differ. `p.grad` is read as
+// Python reads it (a tensor subclass's own attribute included).
+PyObject* grads_signature(PyObject*, PyObject* params) {
+  static PyObject* grad_name = PyUnicode_InternFromString("grad");
+  Items ps(params);
+  if (!ps.seq) return nullptr;
+  std::vector<int64_t> sig;
+  sig.reserve(static_cast<size_t>(ps.size) * 12);
+  PyObject* grads = PyList_New(0);
+  if (!grads) return nullptr;
+  for (Py_ssize_t i = 0; i < ps.size; ++i) {
+    PyObject* p = ps.items[i];
+    if (!THPVariable_Check(p)) {
+      Py_DECREF(grads);
+      return PyErr_Format(PyExc_TypeError, "grads_signature: params[%zd] is not a tensor", i);
+    }
+    PyObject* g = PyObject_GetAttr(p, grad_name);  // new reference
+    if (!g) {
+      Py_DECREF(grads);
+      return nullptr;
+    }
+    if (g == Py_None) {
+      sig.push_back(-1);
+    } else {
+      append_tensor(sig, THPVariable_Unpack(p));
+      append_tensor(sig, THPVariable_Unpack(g));  // a gradient is always a tensor (torch's setter checks)
+      if (PyList_Append(grads, g) != 0) {
+        Py_DECREF(g);
+        Py_DECREF(grads);
+        return nullptr;
+      }
+    }
+    Py_DECREF(g);
+  }
+  PyObject* bytes = PyBytes_FromStringAndSize(reinterpret_cast<const char*>(sig.data()),
+                                              static_cast<Py_ssize_t>(sig.size() * sizeof(int64_t)));
+  if (!bytes) {
+    Py_DECREF(grads);
+    return nullptr;
+  }
+  PyObject* out = PyTuple_Pack(2, grads, bytes);
+  Py_DECREF(grads);
+  Py_DECREF(bytes);
+  return out;
+}
+
+// one_bucket(key_lists) -> bool: whether the tensors of key_lists[0] share one device and the
+// tensors of each list one dtype (False for an empty first list or an item that is not a tensor).
+PyObject* one_bucket(PyObject*, PyObject* key_lists) {
+  Items lists(key_lists);
+  if (!lists.seq) return nullptr;
+  bool ok = lists.size > 0;
+  for (Py_ssize_t k = 0; ok && k < lists.size; ++k) {
+    Items ts(lists.items[k]);
+    if (!ts.seq) return nullptr;
+    ok = ts.size > 0 && THPVariable_Check(ts.items[0]);
+    if (!ok) break;
+    const at::Tensor& first = THPVariable_Unpack(ts.items[0]);
+    for (Py_ssize_t i = 1; ok && i < ts.size; ++i) {
+      ok = THPVariable_Check(ts.items[i]);
+      if (!ok) break;
+      const at::Tensor& t = THPVariable_Unpack(ts.items[i]);
+      ok = t.scalar_type() == first.scalar_type() && (k != 0 || t.device() == first.device());
+    }
+  }
+  return PyBool_FromLong(ok);
+}
+
+// all_contiguous(lists) -> bool: whether every item of every list is a strided, contiguous tensor.
+PyObject* all_contiguous(PyObject*, PyObject* lists_obj) {
+  Items lists(lists_obj);
+  if (!lists.seq) return nullptr;
+  bool ok = true;
+  for (Py_ssize_t k = 0; ok && k < lists.size; ++k) {
+    Items ts(lists.items[k]);
+    if (!ts.seq) return nullptr;
+    for (Py_ssize_t i = 0; ok && i < ts.size; ++i) {
+      ok = THPVariable_Check(ts.items[i]);
+      if (!ok) break;
+      const at::Tensor& t = THPVariable_Unpack(ts.items[i]);
+      ok = t.layout() == at::kStrided && t.is_contiguous();
+    }
+  }
+  return PyBool_FromLong(ok);
+}
+
+PyMethodDef methods[] = {
+    {"grads_signature", grads_signature, METH_O, "(gradients, signature bytes) of a list of parameters"},
+    {"one_bucket", one_bucket, METH_O, "whether parallel lists of tensors form one (device, dtypes) bucket"},
+    {"all_contiguous", all_contiguous, METH_O, "whether lists of tensors hold only contiguous strided tensors"},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+}  // namespace
+
+PyMethodDef* list_check_methods() { return methods; }
+
+}  // namespace pyeff

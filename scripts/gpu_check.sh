@@ -7,7 +7,7 @@
 #
 #   scripts/gpu_check.sh [quick|all|test|bench]
 #     quick (default): build for this GPU's architecture only, the optimizer benchmark, the GPU
-#                      tests, the other GPU benchmarks in their quick mode: under 8 minutes on one H200
+#                      tests, the other GPU benchmarks in their quick mode: 7 to 10 minutes on one H200
 #                      (each step stops after STEP_TIMEOUT seconds, default 300, so the later ones run)
 #     all: build for sm_80 and sm_90, the whole suite, the full benchmarks
 #     test / bench: one half of `all`

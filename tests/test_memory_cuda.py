@@ -190,25 +190,34 @@ TORCH_CONTRACT = {
     "record_stream": """
         side = torch.cuda.Stream()
         n = 1 << 22
+        # The kernels below, loaded once first: the first launch of a kernel may wait for the device
+        # (lazy module loading), which would let the side stream finish before the host goes on.
+        (torch.full((n,), 1.0, device="cuda") * 2).sum().item()
+        torch.cuda._sleep(1)
+        torch.cuda.synchronize()
+        busy_seen = 0
         for _ in range(3):
             x = torch.full((n,), 1.0, device="cuda")
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                torch.cuda._sleep(20_000_000)  # the consumer is slow: x must outlive its owner
+                torch.cuda._sleep(200_000_000)  # about 0.1 s: the consumer is slow, x must outlive its owner
                 y = x * 2
             x.record_stream(side)
             ptr = x.data_ptr()
             del x
+            busy = not side.query()  # while side runs, x's block must not come back
             z = torch.full((n,), 5.0, device="cuda")  # the producer's next buffer
-            # side.query(): False if side still runs (the pool reused early), True if the pool (or the
-            # GPU) had finished side's work already: the two causes this assert cannot tell apart.
-            assert z.data_ptr() != ptr, f"reused while another stream still reads it (side done: {side.query()})"
+            assert not (busy and z.data_ptr() == ptr), "reused while another stream still reads it"
+            busy_seen += busy
             torch.cuda.current_stream().wait_stream(side)
             torch.cuda.synchronize()
             assert bool((y == 2).all()), "the consumer saw the producer's next values"
-            w = torch.empty(n, device="cuda")  # its uses are done: reusable now
-            assert w.data_ptr() == ptr
-            del y, z, w
+            if z.data_ptr() != ptr:
+                w = torch.empty(n, device="cuda")  # its uses are done: reusable now
+                assert w.data_ptr() == ptr
+                del w
+            del y, z
+        assert busy_seen, "the side stream was never busy when the host allocated: the test checked nothing"
     """,
     # A captured graph replays over memory that nothing else takes in between.
     "graph": """

@@ -2,8 +2,8 @@
 // the op layer repeat at every step (devices, dtypes, shapes, layouts, gradients) cost 40-60 ns per
 // tensor and per read from Python, a few ns here. They only inspect. `one_bucket` and
 // `all_contiguous` have Python twins in pyeff/ops/_multi_tensor.py (for torch.compile, which cannot
-// trace them, and builds without pyeff._C); `grads_signature` is what lets a step plan be reused
-// (NOTE [step plans] in pyeff/optim/_plan.py), and without it there are no plans.
+// trace them, and builds without pyeff._C); `grads_signature` and `state_lists` are what let a step
+// plan be reused (NOTE [step plans] in pyeff/optim/_plan.py), and without them there are no plans.
 #include <Python.h>
 #include <torch/csrc/autograd/python_variable.h>
 
@@ -86,6 +86,56 @@ PyObject* grads_signature(PyObject*, PyObject* params) {
   return out;
 }
 
+// state_lists(state, params, keys) -> (lists, signature): for each key, the list of
+// state[p].get(key) over params (a parameter without state counts as an empty dict), and bytes that
+// differ whenever, for some parameter, its state dict (by identity), that dict's length or one of
+// those values (by identity) differs. `state` is read as a plain dict (a defaultdict's default is not
+// made). Identity, not equality: a plan keeps no state (NOTE [step plans] in pyeff/optim/_plan.py).
+PyObject* state_lists(PyObject*, PyObject* args) {
+  PyObject *state, *params_obj, *keys_obj;
+  if (!PyArg_ParseTuple(args, "O!OO", &PyDict_Type, &state, &params_obj, &keys_obj)) return nullptr;
+  Items ps(params_obj), keys(keys_obj);
+  if (!ps.seq || !keys.seq) return nullptr;
+  std::vector<int64_t> sig;
+  sig.reserve(static_cast<size_t>(ps.size * (2 + keys.size)));
+  PyObject* lists = PyTuple_New(keys.size);
+  if (!lists) return nullptr;
+  auto fail = [&]() -> PyObject* {
+    Py_DECREF(lists);
+    return nullptr;
+  };
+  for (Py_ssize_t k = 0; k < keys.size; ++k) {
+    PyObject* list = PyList_New(ps.size);
+    if (!list) return fail();
+    PyTuple_SET_ITEM(lists, k, list);  // steals the reference
+  }
+  for (Py_ssize_t i = 0; i < ps.size; ++i) {
+    PyObject* d = PyDict_GetItemWithError(state, ps.items[i]);  // borrowed
+    if (!d && PyErr_Occurred()) return fail();
+    if (d && !PyDict_Check(d)) {
+      PyErr_Format(PyExc_TypeError, "state_lists: the state of params[%zd] is not a dict", i);
+      return fail();
+    }
+    sig.push_back(reinterpret_cast<intptr_t>(d));
+    sig.push_back(d ? PyDict_GET_SIZE(d) : 0);
+    for (Py_ssize_t k = 0; k < keys.size; ++k) {
+      PyObject* v = d ? PyDict_GetItemWithError(d, keys.items[k]) : nullptr;  // borrowed
+      if (!v && PyErr_Occurred()) return fail();
+      sig.push_back(reinterpret_cast<intptr_t>(v));
+      v = v ? v : Py_None;
+      Py_INCREF(v);
+      PyList_SET_ITEM(PyTuple_GET_ITEM(lists, k), i, v);
+    }
+  }
+  PyObject* bytes = PyBytes_FromStringAndSize(reinterpret_cast<const char*>(sig.data()),
+                                              static_cast<Py_ssize_t>(sig.size() * sizeof(int64_t)));
+  if (!bytes) return fail();
+  PyObject* out = PyTuple_Pack(2, lists, bytes);
+  Py_DECREF(lists);
+  Py_DECREF(bytes);
+  return out;
+}
+
 // one_bucket(key_lists) -> bool: whether the tensors of key_lists[0] share one device and the
 // tensors of each list one dtype (False for an empty first list or an item that is not a tensor).
 PyObject* one_bucket(PyObject*, PyObject* key_lists) {
@@ -128,6 +178,7 @@ PyObject* all_contiguous(PyObject*, PyObject* lists_obj) {
 
 PyMethodDef methods[] = {
     {"grads_signature", grads_signature, METH_O, "(gradients, signature bytes) of a list of parameters"},
+    {"state_lists", state_lists, METH_VARARGS, "per-key lists of parameters' state values, and their signature"},
     {"one_bucket", one_bucket, METH_O, "whether parallel lists of tensors form one (device, dtypes) bucket"},
     {"all_contiguous", all_contiguous, METH_O, "whether lists of tensors hold only contiguous strided tensors"},
     {nullptr, nullptr, 0, nullptr},

@@ -119,3 +119,63 @@ def test_grads_signature(a, b, edit):
     assert len(grads_a) == sum(p.grad is not None for p in pa)
     assert all(g is p.grad for g, p in zip(grads_a, [p for p in pa if p.grad is not None]))
     assert (sig_a == sig_b) == (_described(pa) == _described(pb))
+
+
+def _state_described(state, params, keys) -> list:
+    """What state_lists' signature stands for: per parameter its state dict (identity), the dict's
+    length and the identity of each value under `keys` (None where absent)."""
+    out = []
+    for p in params:
+        d = state.get(p)
+        out.append((id(d) if d is not None else None, len(d) if d is not None else 0,
+                    *(id(d.get(k)) if d is not None and k in d else None for k in keys)))
+    return out
+
+
+EDITS = ("none", "replace value", "add entry", "delete entry", "drop state", "copy dict", "new state", "same value")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 5), st.lists(st.sets(st.sampled_from(["a", "b", "c"])), min_size=0, max_size=5),
+       st.sampled_from(EDITS), st.integers(0, 4))
+def test_state_lists(n, key_sets, edit, at):
+    params = [torch.nn.Parameter(torch.zeros(2)) for _ in range(n)]
+    state = {p: {k: torch.zeros(1) for k in ks} for p, ks in zip(params, key_sets)}  # some params without state
+    keys = ("a", "b", "c")
+    checks = _ext.list_checks()
+    columns, before = checks.state_lists(state, params, keys)
+    for k, column in zip(keys, columns):
+        assert len(column) == n and all(v is state.get(p, {}).get(k) for v, p in zip(column, params))
+    described = _state_described(state, params, keys)
+    if params:  # the edit, on one parameter's state
+        p = params[at % n]
+        d = state.get(p)
+        if edit == "replace value" and d:
+            d[next(iter(d))] = torch.zeros(1)
+        elif edit == "add entry" and d is not None:
+            d["d"] = 1
+        elif edit == "delete entry" and d:
+            del d[next(iter(d))]
+        elif edit == "drop state":
+            state.pop(p, None)
+        elif edit == "copy dict" and d is not None:
+            state[p] = dict(d)
+        elif edit == "new state" and d is None:
+            state[p] = {}
+        elif edit == "same value" and d:
+            k = next(iter(d))
+            d[k] = d[k]
+    _, after = checks.state_lists(state, params, keys)
+    assert (after == before) == (_state_described(state, params, keys) == described)
+
+
+def test_state_lists_reads_a_defaultdict_as_a_dict():
+    from collections import defaultdict
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    state = defaultdict(dict)
+    (column,), _ = _ext.list_checks().state_lists(state, [p], ("a",))
+    assert column == [None] and p not in state  # no default made
+    state[p] = 3
+    with pytest.raises(TypeError, match=r"the state of params\[0\] is not a dict"):
+        _ext.list_checks().state_lists(state, [p], ("a",))

@@ -17,8 +17,9 @@ when everything the walk read is as it was:
 
 These checks are C loops: pyeff._C's `grads_signature` (csrc/list_checks.cpp) reads every
 parameter's gradient and the dtype, layout, device and shape of both into bytes compared with the
-walk's, and `map` over item getters compares the state (with the op's own checks, about a tenth of
-the walk's cost; without pyeff._C there are no plans). A plan keeps where each list comes from (the
+walk's, and its `state_lists` reads every parameter's state dict, that dict's length and the
+entries the lists use into bytes compared likewise (with the op's own checks, about a tenth of the
+walk's cost; without pyeff._C there are no plans). A plan keeps where each list comes from (the
 parameters, the gradients, one state entry of each parameter, or a list without tensors), not the
 state itself: state dicts and tensors are compared by id(), so that clearing the state between
 steps frees it, as with torch.optim. (An object freed and replaced by a new one at the same address
@@ -50,20 +51,19 @@ def _same(xs, ys) -> bool:
 
 class StepPlan:
     """One group's op lists from a full walk, as where each comes from, and what the walk read
-    (NOTE [step plans]). It keeps no state: state dicts and tensors are compared by id()."""
+    (NOTE [step plans]). It keeps no state: state dicts and tensors are compared by identity."""
 
-    def __init__(self, state, group: dict, layout: tuple, params: list, states: list, values: dict,
-                 recipes: dict, signature: bytes, has_complex: bool):
+    def __init__(self, state, group: dict, layout: tuple, params: list, keys: tuple, recipes: dict,
+                 grads_signature: bytes, state_signature: bytes, has_complex: bool):
         self.group = group
         self.group_params = list(group["params"])
         self.layout = layout
         self.state_id = id(state)
-        self.signature = signature
         self.params = params
-        self.state_ids = list(map(id, states))
-        self.lengths = list(map(len, states))
-        self.value_ids = {k: list(map(id, v)) for k, v in values.items()}
+        self.keys = keys
         self.recipes = recipes
+        self.grads_signature = grads_signature
+        self.state_signature = state_signature
         self.has_complex = has_complex
 
     @classmethod
@@ -76,8 +76,9 @@ class StepPlan:
         params, grads = lists["params"], lists["grads"]
         if checks is None or any(g.is_sparse for g in grads):
             return None
-        states = list(map(state.get, params, repeat(_NO_STATE)))
-        values = {k: list(map(dict.get, states, repeat(k))) for k in set().union(*states)}
+        keys = tuple(set().union(*map(state.get, params, repeat(_NO_STATE))))
+        columns, state_signature = checks.state_lists(state, params, keys)
+        values = dict(zip(keys, columns))
         recipes = {}
         for name, ts in lists.items():
             if ts is params or ts is grads:
@@ -90,8 +91,8 @@ class StepPlan:
                 recipes[name] = ("as is", list(ts))
             else:
                 return None
-        _, signature = checks.grads_signature(group["params"])
-        return cls(state, group, layout, params, states, values, recipes, signature, has_complex)
+        _, grads_signature = checks.grads_signature(group["params"])
+        return cls(state, group, layout, params, keys, recipes, grads_signature, state_signature, has_complex)
 
     def reuse(self, state, group: dict, layout: tuple) -> dict | None:
         """This step's op lists, built from the parameters, this step's gradients and the current
@@ -102,17 +103,12 @@ class StepPlan:
                 or not _same(params, self.group_params)):
             return None
         grads, signature = checks.grads_signature(params)
-        if signature != self.signature:  # which have gradients; dtypes, layouts, devices, shapes
+        if signature != self.grads_signature:  # which have gradients; dtypes, layouts, devices, shapes
             return None
-        stepped = self.params
-        states = list(map(state.get, stepped, repeat(_NO_STATE)))
-        if list(map(id, states)) != self.state_ids or list(map(len, states)) != self.lengths:
+        columns, signature = checks.state_lists(state, self.params, self.keys)
+        if signature != self.state_signature:  # each parameter's state dict, its length, its values
             return None
-        values = {}
-        for key, ids in self.value_ids.items():
-            values[key] = list(map(dict.get, states, repeat(key)))
-            if list(map(id, values[key])) != ids:
-                return None
-        made = {"params": list(stepped), "grads": grads}
+        values = dict(zip(self.keys, columns))
+        made = {"params": list(self.params), "grads": grads}
         return {name: made[name] if kind in made else values[arg] if kind == "state" else list(arg)
                 for name, (kind, arg) in self.recipes.items()}

@@ -64,8 +64,13 @@ PyObject* grads_signature(PyObject*, PyObject* params) {
     if (g == Py_None) {
       sig.push_back(-1);
     } else {
+      if (!THPVariable_Check(g)) {  // torch's setter allows none, but a subclass may define its own `grad`
+        Py_DECREF(g);
+        Py_DECREF(grads);
+        return PyErr_Format(PyExc_TypeError, "grads_signature: params[%zd].grad is not a tensor", i);
+      }
       append_tensor(sig, THPVariable_Unpack(p));
-      append_tensor(sig, THPVariable_Unpack(g));  // a gradient is always a tensor (torch's setter checks)
+      append_tensor(sig, THPVariable_Unpack(g));
       if (PyList_Append(grads, g) != 0) {
         Py_DECREF(g);
         Py_DECREF(grads);

@@ -60,6 +60,12 @@ def test_items_that_are_not_tensors():
     with pytest.raises(TypeError, match=r"params\[1\] is not a tensor"):
         checks.grads_signature([torch.nn.Parameter(t), 3])
 
+    class OddGrad(torch.Tensor):
+        grad = "not a tensor"
+
+    with pytest.raises(TypeError, match=r"params\[0\].grad is not a tensor"):
+        checks.grads_signature([t.as_subclass(OddGrad)])
+
 
 def _described(params) -> list:
     """What the signature stands for: which parameters have a gradient, and the dtype, layout,

@@ -5,6 +5,7 @@ its torch.optim twin, and the two must go on matching; a plan must be reused whe
 
 from __future__ import annotations
 
+import collections.abc
 import gc
 import weakref
 from collections import defaultdict
@@ -69,9 +70,36 @@ def _new_group(params, opt):
     opt.add_param_group({"params": [params[-1]]})
 
 
+class _StateMapping(collections.abc.MutableMapping):
+    """optimizer.state as a mapping that is not a dict (plans read dicts: this one is walked)."""
+
+    def __init__(self, items):
+        self._d = defaultdict(dict, items)
+
+    def __getitem__(self, key):
+        return self._d[key]
+
+    def __setitem__(self, key, value):
+        self._d[key] = value
+
+    def __delitem__(self, key):
+        del self._d[key]
+
+    def __iter__(self):
+        return iter(self._d)
+
+    def __len__(self):
+        return len(self._d)
+
+
+def _state_mapping(params, opt):
+    opt.state = _StateMapping(opt.state)
+
+
 EDITS = {"replace a state tensor": _replace_state, "delete a parameter's state": _delete_state,
          "reset the state": _reset_state, "drop a gradient": _drop_grad, "append a parameter": _append_param,
-         "swap a parameter": _swap_param, "reload the state_dict": _reload, "add a param group": _new_group}
+         "swap a parameter": _swap_param, "reload the state_dict": _reload, "add a param group": _new_group,
+         "a state mapping that is not a dict": _state_mapping}
 
 
 @pytest.mark.parametrize("edit", list(EDITS))

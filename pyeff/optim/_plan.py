@@ -19,7 +19,7 @@ These checks are C loops: pyeff._C's `grads_signature` (csrc/list_checks.cpp) re
 parameter's gradient and the dtype, layout, device and shape of both into bytes compared with the
 walk's, and its `state_lists` reads every parameter's state dict, that dict's length and the
 entries the lists use into bytes compared likewise (with the op's own checks, about a tenth of the
-walk's cost; without pyeff._C there are no plans). A plan keeps where each list comes from (the
+walk's cost; without pyeff._C, or for an `optimizer.state` that is not a dict, there are no plans). A plan keeps where each list comes from (the
 parameters, the gradients, one state entry of each parameter, or a list without tensors), not the
 state itself: state dicts and tensors are compared by id(), so that clearing the state between
 steps frees it, as with torch.optim. (An object freed and replaced by a new one at the same address
@@ -74,7 +74,7 @@ class StepPlan:
         list checks are missing."""
         checks = _ext.list_checks()
         params, grads = lists["params"], lists["grads"]
-        if checks is None or any(g.is_sparse for g in grads):
+        if checks is None or not isinstance(state, dict) or any(g.is_sparse for g in grads):
             return None
         keys = tuple(set().union(*map(state.get, params, repeat(_NO_STATE))))
         columns, state_signature = checks.state_lists(state, params, keys)

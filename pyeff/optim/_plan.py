@@ -17,20 +17,20 @@ when everything the walk read is as it was:
 
 These checks are C loops: pyeff._C's `grads_signature` (csrc/list_checks.cpp) reads every
 parameter's gradient and the dtype, layout, device and shape of both into bytes compared with the
-walk's, and its `state_lists` reads every parameter's state dict, that dict's length and the
-entries the lists use into bytes compared likewise (with the op's own checks, about a tenth of the
-walk's cost; without pyeff._C, or for an `optimizer.state` that is not a dict, there are no plans). A plan keeps where each list comes from (the
-parameters, the gradients, one state entry of each parameter, or a list without tensors), not the
-state itself: state dicts and tensors are compared by id(), so that clearing the state between
-steps frees it, as with torch.optim. (An object freed and replaced by a new one at the same address
-passes that comparison; the lists are built from the current state all the same, and the op checks
-every tensor it is given.) Anything else edited between steps is read by the kernels at the step
-(tensor values, a learning rate, the other hyper-parameters), so nothing a user can change through
-torch.optim's interface is missed; a change the checks see sends the group through the full walk,
-which raises the same errors as before. The walk runs every step under torch.compile (which traces
-it and guards on the state, as torch.optim's `_init_group`) and with differentiable=True. Lists
-holding tensors made for one step only are never kept: SGD's first momentum buffers, and sparse
-gradients (coalesced by the walk), keep the step from making a plan.
+walk's, and its `state_lists` reads every parameter's state dict, that dict's length and the entries
+the lists use into bytes compared likewise (with the op's own checks, about a tenth of the walk's
+cost; without pyeff._C, or for an `optimizer.state` that is not a dict, there are no plans). A plan
+keeps where each list comes from (the parameters, the gradients, one state entry of each parameter,
+or a list without tensors), not the state itself: state dicts and tensors are compared by id(), so
+that clearing the state between steps frees it, as with torch.optim. (An object freed and replaced
+by a new one at the same address passes that comparison; the lists are built from the current state
+all the same, and the op checks every tensor it is given.) Anything else edited between steps is
+read by the kernels at the step (tensor values, a learning rate, the other hyper-parameters), so
+nothing a user can change through torch.optim's interface is missed; a change the checks see sends
+the group through the full walk, which raises the same errors as before. The walk runs every step
+under torch.compile (which traces it and guards on the state, as torch.optim's `_init_group`) and
+with differentiable=True. Lists holding tensors made for one step only are never kept: SGD's first
+momentum buffers, and sparse gradients (coalesced by the walk), keep the step from making a plan.
 """
 
 from __future__ import annotations

@@ -3,8 +3,6 @@
 Bytes per parameter (fp32): read p, g, m, v and write p, m, v = 28. The ceiling is the in-place
 loop over the same 4 read / 3 written arrays, measured in the same run. Every contender and the
 ceiling work on the same memory (bench.SharedBuffers: where an array lies changes its speed here).
-The third case, 200 tensors of 64 elements, moves almost nothing: its time is a step's host work
-(checks, state lookup, the op call), what a model's step pays per tensor on top of the memory.
 
     python benchmarks/optim.py [--quick]     (also: pyeff bench optim)
 """
@@ -47,14 +45,13 @@ def contenders(problem: bench.SharedBuffers, with_compile: bool):
 def run(quick: bool = False, out_dir: Path | None = None) -> list[bench.Row]:
     flat = [64_000_000] if not quick else [4_000_000]
     model = bench.model_like_sizes() if not quick else bench.model_like_sizes(3_000_000)
-    problems = {f"flat {sum(flat) / 1e6:.0f}M": flat, f"{len(model)} tensors {sum(model) / 1e6:.0f}M": model,
-                "200 tensors x 64 (host time)": [64] * 200}
+    problems = {f"flat {sum(flat) / 1e6:.0f}M": flat, f"{len(model)} tensors {sum(model) / 1e6:.0f}M": model}
     rounds = 5 if quick else 15
     rows = []
     for case, sizes in problems.items():
         numel = sum(sizes)
         problem = bench.SharedBuffers(sizes, dict.fromkeys(("param", "grad", "exp_avg", "exp_avg_sq"), torch.float32))
-        fns = contenders(problem, with_compile=not quick and "host" not in case)
+        fns = contenders(problem, with_compile=not quick)
         flat = problem.flat  # the ceiling loop on the same memory: p, m, v read and written, g read
         fns[bench.CEILING] = lambda: torch.ops.pyeff.stream_inplace_cpu(
             [flat["param"], flat["exp_avg"], flat["exp_avg_sq"]], [flat["grad"]])

@@ -1,8 +1,8 @@
 """Where a CPU optimizer step's time goes besides streaming memory (issue 13 part 4).
 
 1. Host time: AdamW, Adagrad and SGD (momentum 0.9) on 200 fp32 tensors of 64 elements, one
-   thread, so a step is all host work (Python, argument conversion, checks); steps back to back,
-   pyeff vs torch fused, median (min-max) of rounds of 200 steps.
+   thread, so a step is all host work (Python, argument conversion, checks); steps back to back
+   (warm caches), pyeff vs torch fused, median (min-max) of rounds of 200 steps.
 2. The 200-tensor model (bench.model_like_sizes, views of one buffer per role as in `pyeff bench
    optim`), Adagrad, default threads, interleaved rounds: the in-place ceiling loop, the op on one
    flat tensor of the same memory, the op on the 200 views, and `opt.step()`, each as % of the
@@ -34,13 +34,13 @@ OPTIMIZERS = {
 }
 
 
-def _per_step_us(fn, rounds: int, steps: int = 200) -> list[float]:
+def _seconds_per_step(fn, rounds: int, steps: int = 200) -> list[float]:
     out = []
     for _ in range(rounds):
         t0 = time.perf_counter()
         for _ in range(steps):
             fn()
-        out.append((time.perf_counter() - t0) / steps * 1e6)
+        out.append((time.perf_counter() - t0) / steps)
     return out
 
 
@@ -57,7 +57,7 @@ def host_time(rounds: int) -> list[bench.Row]:
                     p.grad = torch.randn(64)
                 opt = make(params)
                 opt.step()
-                times[provider] = [us * 1e-6 for us in _per_step_us(opt.step, rounds)]
+                times[provider] = _seconds_per_step(opt.step, rounds)
             rows += bench.rows_from_times("step_host", f"{name} 200 tensors x 64, 1 thread", times,
                                           torch_providers=("torch_fused",))
     finally:
@@ -83,9 +83,8 @@ def model_gap(rounds: int, quick: bool) -> list[bench.Row]:
     }
     with torch.no_grad():
         times = bench.interleaved(fns, rounds, label="step_host model")
-    rows = bench.rows_from_times("step_host", f"Adagrad {len(sizes)} tensors {sum(sizes) / 1e6:.0f}M", times,
-                                 numel=sum(sizes), bytes_per_elem=20, torch_providers=())
-    return rows
+    return bench.rows_from_times("step_host", f"Adagrad {len(sizes)} tensors {sum(sizes) / 1e6:.0f}M", times,
+                                 numel=sum(sizes), bytes_per_elem=20)
 
 
 def run(quick: bool = False, out_dir: Path | None = None) -> list[bench.Row]:

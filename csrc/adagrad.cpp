@@ -8,6 +8,7 @@
 
 #include "adagrad.h"
 #include "cpu/adagrad_kernel.h"
+#include "op_call.h"
 
 namespace pyeff {
 namespace {
@@ -130,6 +131,7 @@ void adagrad_step_check(at::TensorList params, at::TensorList grads, at::TensorL
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyeff, CPU, m) { m.impl("adagrad_step.cpu", &adagrad_step_cpu); }
+PYEFF_OP_CALL(adagrad_step, adagrad_step_cpu);  // NOTE [calling an op from Python]
 TORCH_LIBRARY_IMPL(pyeff, CompositeExplicitAutograd, m) { m.impl("adagrad_step.check", &adagrad_step_check); }
 
 // A sparse gradient in the list makes the dispatcher pick the SparseCPU key; same kernel.

@@ -5,6 +5,7 @@
 
 #include "adam.h"
 #include "cpu/adam_kernel.h"
+#include "op_call.h"
 
 namespace pyeff {
 namespace {
@@ -83,6 +84,7 @@ void adam_step_check(at::TensorList params, at::TensorList grads, at::TensorList
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyeff, CPU, m) { m.impl("adam_step.cpu", &adam_step_cpu); }
+PYEFF_OP_CALL(adam_step, adam_step_cpu);  // NOTE [calling an op from Python]
 TORCH_LIBRARY_IMPL(pyeff, CompositeExplicitAutograd, m) { m.impl("adam_step.check", &adam_step_check); }
 
 }  // namespace pyeff

@@ -5,6 +5,7 @@
 
 #include "cpu/grad_stats_kernel.h"
 #include "grad_stats.h"
+#include "op_call.h"
 
 namespace pyeff {
 namespace {
@@ -33,6 +34,7 @@ void grad_stats_check(at::TensorList grads, const at::Tensor& out) { check_grad_
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyeff, CPU, m) { m.impl("grad_stats.cpu", &grad_stats_cpu); }
+PYEFF_OP_CALL(grad_stats, grad_stats_cpu);  // NOTE [calling an op from Python]
 TORCH_LIBRARY_IMPL(pyeff, CompositeExplicitAutograd, m) { m.impl("grad_stats.check", &grad_stats_check); }
 
 }  // namespace pyeff

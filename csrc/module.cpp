@@ -5,11 +5,13 @@
 #include <torch/library.h>
 
 #include <string>
+#include <vector>
 
 #include "checks.h"
 #include "cpu/isa.h"
 #include "cpu/stream_kernel.h"
 #include "list_checks.h"
+#include "op_call.h"
 
 namespace pyeff {
 namespace {
@@ -67,6 +69,14 @@ TORCH_LIBRARY_IMPL(pyeff, CPU, m) { m.impl("stream_inplace_cpu", &stream_inplace
 
 }  // namespace pyeff
 
-// The ops above are reached as torch.ops.pyeff.*; the module's own functions are the list checks.
-static struct PyModuleDef pyeff_c_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, pyeff::list_check_methods()};
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&pyeff_c_module); }
+// The ops above are reached as torch.ops.pyeff.*; the module's own functions are the list checks
+// and the fast entry to the in-place ops (NOTE [calling an op from Python]).
+PyMODINIT_FUNC PyInit__C(void) {
+  static std::vector<PyMethodDef> methods;
+  for (PyMethodDef* table : {pyeff::list_check_methods(), pyeff::op_call_methods()}) {
+    for (; table->ml_name != nullptr; ++table) methods.push_back(*table);
+  }
+  methods.push_back({nullptr, nullptr, 0, nullptr});
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods.data()};
+  return PyModule_Create(&module);
+}

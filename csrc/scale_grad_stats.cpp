@@ -5,6 +5,7 @@
 
 #include "checks.h"
 #include "cpu/scale_grad_stats_kernel.h"
+#include "op_call.h"
 
 namespace pyeff {
 namespace {
@@ -39,5 +40,6 @@ void scale_grad_stats_cpu(const at::Tensor& src, const at::Tensor& dst, double s
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyeff, CPU, m) { m.impl("scale_grad_stats.cpu", &scale_grad_stats_cpu); }
+PYEFF_OP_CALL(scale_grad_stats, scale_grad_stats_cpu);  // NOTE [calling an op from Python]
 
 }  // namespace pyeff

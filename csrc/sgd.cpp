@@ -6,6 +6,7 @@
 
 #include "cpu/sgd_kernel.h"
 #include "sgd.h"
+#include "op_call.h"
 
 namespace pyeff {
 namespace {
@@ -62,6 +63,7 @@ void sgd_step_check(at::TensorList params, at::TensorList grads, at::TensorList 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyeff, CPU, m) { m.impl("sgd_step.cpu", &sgd_step_cpu); }
+PYEFF_OP_CALL(sgd_step, sgd_step_cpu);  // NOTE [calling an op from Python]
 TORCH_LIBRARY_IMPL(pyeff, CompositeExplicitAutograd, m) { m.impl("sgd_step.check", &sgd_step_check); }
 
 }  // namespace pyeff

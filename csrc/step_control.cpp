@@ -5,6 +5,7 @@
 
 #include "step_control.h"
 #include "step_control_math.h"
+#include "op_call.h"
 
 namespace pyeff {
 namespace {
@@ -27,6 +28,7 @@ void step_control_check(const std::optional<at::Tensor>& stats, const std::optio
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyeff, CPU, m) { m.impl("step_control.cpu", &step_control_cpu); }
+PYEFF_OP_CALL(step_control, step_control_cpu);  // NOTE [calling an op from Python]
 TORCH_LIBRARY_IMPL(pyeff, CompositeExplicitAutograd, m) { m.impl("step_control.check", &step_control_check); }
 
 }  // namespace pyeff

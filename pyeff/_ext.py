@@ -17,7 +17,7 @@ BUILD_HINT = (
 
 _NOT_TRIED = object()
 _error = _NOT_TRIED
-_list_checks = _NOT_TRIED
+_found: dict = {}  # module function name -> pyeff._C or None
 
 
 def load_error() -> str | None:
@@ -43,16 +43,30 @@ def list_checks():
     """pyeff._C's C loops over lists of tensors (csrc/list_checks.cpp), or None where it is not built
     or torch.compile is tracing the caller (it cannot trace them); the callers then use their
     Python twins."""
-    global _list_checks
+    return _functions("one_bucket")
+
+
+def op_calls():
+    """pyeff._C's fast entry to the in-place ops (`op_handle`, `call_op`: NOTE [calling an op from
+    Python] in csrc/op_call.cpp), or None where it is not built or torch.compile is tracing the
+    caller; the caller then calls the op's overload."""
+    return _functions("call_op")
+
+
+def _functions(name: str):
+    """pyeff._C when it is loaded and has the module function `name` (a build older than that
+    function has not), except while torch.compile traces."""
     if torch.compiler.is_compiling():
         return None
-    if _list_checks is _NOT_TRIED:
-        _list_checks = None
+    found = _found.get(name, _NOT_TRIED)
+    if found is _NOT_TRIED:
+        found = None
         if available():
             from pyeff import _C
 
-            _list_checks = _C if hasattr(_C, "one_bucket") else None  # None: a build older than them
-    return _list_checks
+            found = _C if hasattr(_C, name) else None
+        _found[name] = found
+    return found
 
 
 def cpu_isa() -> str | None:

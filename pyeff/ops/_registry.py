@@ -13,7 +13,10 @@ arguments). Every backend is an overload of one torch.library op with that schem
 
 An op's public function (pyeff/ops/<op>.py) checks and buckets its inputs, asks :meth:`Op.choose`
 for the backend and calls that overload, eagerly and under torch.compile alike (each overload has
-the op's fake implementation). A backend requested explicitly (``backend=``, else PYEFF_BACKEND)
+the op's fake implementation). Eagerly, the in-place ops (the optimizer step's) are called through
+pyeff._C's fast entry where it can take the call: the same overload through the dispatcher, with
+the Python arguments converted without torch's per-element generic conversion (NOTE [calling an op
+from Python] in csrc/op_call.cpp). A backend requested explicitly (``backend=``, else PYEFF_BACKEND)
 must exist and be usable for the tensors' device, or the call raises; the automatic choice takes
 the first usable one in the device's preference order and falls back quietly. Tensors on a device
 no backend serves (meta, mps, xpu, ...) get the reference.
@@ -40,6 +43,7 @@ PREFERENCE = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference
 _COMPILED_KEYS = {"cpu": ("CPU", "SparseCPU"), "cuda": ("CUDA", "SparseCUDA")}
 
 _LIB = torch.library.Library("pyeff", "FRAGMENT")
+_NOT_MADE = object()
 _OPS: dict[str, "Op"] = {}
 
 
@@ -106,6 +110,7 @@ class Op:
         self.python_impls: dict[str, Callable] = {}  # backend -> function, for the Python backends
         self.checked_backends: set[str] = set()
         self.packet = None  # torch.ops.pyeff.<name>, once defined
+        self.handles: dict[str, object] = {}  # backend -> pyeff._C.op_handle (None: the op has none)
 
     # -- declaration
     def reference(self, fn: Callable) -> Callable:
@@ -158,7 +163,7 @@ class Op:
 
     def check(self, *args) -> None:
         """Run the op's compiled input checks on these arguments (csrc/<op>.h)."""
-        self.packet.check(*args)
+        self("check", *args)
 
     def _has_check(self) -> bool:
         return _ext.available() and torch._C._dispatch_has_kernel_for_dispatch_key(
@@ -176,7 +181,16 @@ class Op:
         return _choose(self.name, device.type, backend)
 
     def __call__(self, backend: str, *args):
-        """Run `backend` (see choose()) on positional arguments in the schema's order."""
+        """Run `backend` (see choose()) on positional arguments in the schema's order: through
+        pyeff._C's fast entry where it takes the call (NOTE [calling an op from Python] in
+        csrc/op_call.cpp), else the overload."""
+        calls = _ext.op_calls()
+        if calls is not None:
+            handle = self.handles.get(backend, _NOT_MADE)
+            if handle is _NOT_MADE:
+                handle = self.handles[backend] = calls.op_handle(self.name, backend)
+            if handle is not None and calls.call_op(handle, args) is None:
+                return None
         return getattr(self.packet, backend)(*args)
 
 

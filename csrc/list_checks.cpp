@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "list_checks.h"
+#include "tensor_prefetch.h"
 
 namespace pyeff {
 namespace {
@@ -50,6 +51,7 @@ PyObject* grads_signature(PyObject*, PyObject* params) {
   sig.reserve(static_cast<size_t>(ps.size) * 12);
   PyObject* grads = PyList_New(0);
   if (!grads) return nullptr;
+  prefetch_params_and_grads(ps.items, ps.size);  // NOTE [prefetching tensor objects]
   for (Py_ssize_t i = 0; i < ps.size; ++i) {
     PyObject* p = ps.items[i];
     if (!THPVariable_Check(p)) {
@@ -91,6 +93,26 @@ PyObject* grads_signature(PyObject*, PyObject* params) {
   return out;
 }
 
+// state.get(p) (borrowed; null without an error where missing). torch.Tensor.__hash__ is id(self),
+// a Python call per lookup that costs more than the lookup: for exactly a torch.Tensor or
+// nn.Parameter the hash is the address (hash(id(p)); checked once against a real hash), and the
+// dict is searched with it.
+PyObject* state_of(PyObject* state, PyObject* p) {
+#if PY_VERSION_HEX < 0x030D0000
+  static int id_hash = -1;  // unknown, 0: no, 1: yes
+  if (THPVariable_CheckExact(p)) {
+    const auto address = static_cast<Py_hash_t>(reinterpret_cast<uintptr_t>(p));
+    if (id_hash < 0) {
+      const Py_hash_t real = PyObject_Hash(p);
+      if (real == -1) return nullptr;
+      id_hash = real == address;
+    }
+    if (id_hash == 1) return _PyDict_GetItem_KnownHash(state, p, address);
+  }
+#endif
+  return PyDict_GetItemWithError(state, p);
+}
+
 // state_lists(state, params, keys) -> (lists, signature): for each key, the list of
 // state[p].get(key) over params (a parameter without state counts as an empty dict), and bytes that
 // differ whenever, for some parameter, its state dict (by identity), that dict's length or one of
@@ -114,18 +136,34 @@ PyObject* state_lists(PyObject*, PyObject* args) {
     if (!list) return fail();
     PyTuple_SET_ITEM(lists, k, list);  // steals the reference
   }
+  // A pass per level (NOTE [prefetching tensor objects]): the parameters' state dicts, then their
+  // entries, then the lists.
+  std::vector<PyObject*> dicts(ps.size), values(ps.size * keys.size);
   for (Py_ssize_t i = 0; i < ps.size; ++i) {
-    PyObject* d = PyDict_GetItemWithError(state, ps.items[i]);  // borrowed
+    PyObject* d = state_of(state, ps.items[i]);  // borrowed
     if (!d && PyErr_Occurred()) return fail();
+    if (d) __builtin_prefetch(d);
+    dicts[i] = d;
+  }
+  for (Py_ssize_t i = 0; i < ps.size; ++i) {
+    PyObject* d = dicts[i];
     if (d && !PyDict_Check(d)) {
       PyErr_Format(PyExc_TypeError, "state_lists: the state of params[%zd] is not a dict", i);
       return fail();
     }
-    sig.push_back(reinterpret_cast<intptr_t>(d));
-    sig.push_back(d ? PyDict_GET_SIZE(d) : 0);
     for (Py_ssize_t k = 0; k < keys.size; ++k) {
       PyObject* v = d ? PyDict_GetItemWithError(d, keys.items[k]) : nullptr;  // borrowed
       if (!v && PyErr_Occurred()) return fail();
+      if (v) __builtin_prefetch(v, 1);
+      values[i * keys.size + k] = v;
+    }
+  }
+  for (Py_ssize_t i = 0; i < ps.size; ++i) {
+    PyObject* d = dicts[i];
+    sig.push_back(reinterpret_cast<intptr_t>(d));
+    sig.push_back(d ? PyDict_GET_SIZE(d) : 0);
+    for (Py_ssize_t k = 0; k < keys.size; ++k) {
+      PyObject* v = values[i * keys.size + k];
       sig.push_back(reinterpret_cast<intptr_t>(v));
       v = v ? v : Py_None;
       Py_INCREF(v);

@@ -27,6 +27,7 @@
 #include <unordered_map>
 
 #include "op_call.h"
+#include "tensor_prefetch.h"
 
 namespace pyeff {
 namespace op_call {
@@ -34,6 +35,8 @@ namespace op_call {
 const at::Tensor* exact_tensor(PyObject* obj) {
   return THPVariable_CheckExact(obj) ? &THPVariable_Unpack(obj) : nullptr;
 }
+
+void prefetch(PyObject* const* items, Py_ssize_t n) { prefetch_tensors(items, n); }
 
 void run_without_gil(const std::function<void()>& f) {
   pybind11::gil_scoped_release no_gil;

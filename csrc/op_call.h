@@ -27,6 +27,9 @@ namespace op_call {
 // the object alive. Null where `obj` is anything else.
 const at::Tensor* exact_tensor(PyObject* obj);
 
+// NOTE [prefetching tensor objects] (csrc/tensor_prefetch.h) over items[0, n).
+void prefetch(PyObject* const* items, Py_ssize_t n);
+
 using Borrow = c10::MaybeOwnedTraits<at::Tensor>;
 
 // One argument of C++ type T from a Python object: load() is false where the generic path must run.
@@ -42,6 +45,7 @@ struct Arg<at::TensorList> {
     items = PySequence_Tuple(obj);
     if (!items) return (PyErr_Clear(), false);
     const Py_ssize_t n = PyTuple_GET_SIZE(items);
+    prefetch(&PyTuple_GET_ITEM(items, 0), n);
     tensors.reserve(n);
     for (Py_ssize_t i = 0; i < n; ++i) {
       const at::Tensor* t = exact_tensor(PyTuple_GET_ITEM(items, i));

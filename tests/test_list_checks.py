@@ -185,3 +185,18 @@ def test_state_lists_reads_a_defaultdict_as_a_dict():
     state[p] = 3
     with pytest.raises(TypeError, match=r"the state of params\[0\] is not a dict"):
         _ext.list_checks().state_lists(state, [p], ("a",))
+
+
+class _SameHash(torch.Tensor):
+    def __hash__(self):
+        return 7
+
+
+def test_state_lists_finds_keys_hashed_as_python_does():
+    # Exact tensors are looked up by their address (torch.Tensor.__hash__ is id); anything else
+    # through its own __hash__, which must agree with where the dict stored it.
+    exact, other = torch.nn.Parameter(torch.zeros(1)), torch.zeros(1).as_subclass(_SameHash)
+    plain_state, other_state = {"a": torch.zeros(1)}, {"a": torch.ones(1)}
+    state = {exact: plain_state, other: other_state}
+    (column,), _ = _ext.list_checks().state_lists(state, [exact, other, torch.zeros(1)], ("a",))
+    assert column[0] is plain_state["a"] and column[1] is other_state["a"] and column[2] is None

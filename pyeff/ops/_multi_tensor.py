@@ -43,6 +43,14 @@ def group_by_device_and_dtype(lists: TensorLists, keys: Sequence[str] = ("params
             for k, idx in buckets.items()}
 
 
+def any_sparse(tensors: list[Tensor]) -> bool:
+    """Whether any of `tensors` is sparse (COO), decided in C in the common case of none."""
+    c = _ext.list_checks()
+    if c is not None and c.all_contiguous([tensors]):
+        return False
+    return any(t.is_sparse for t in tensors)
+
+
 def is_dense(t: Tensor) -> bool:
     """Non-overlapping and dense: its elements fill one block of memory in some dimension order."""
     if t.is_contiguous() or t.numel() == 0:

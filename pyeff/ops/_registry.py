@@ -195,11 +195,23 @@ class Op:
 
 
 # Under torch.compile the choice is made once, while tracing, and the chosen overload is traced.
+# Eagerly it is made once per op, device type, requested backend and TRITON_INTERPRET setting (what
+# it depends on besides what the process loaded): asking the dispatcher which kernels exist costs
+# tens of microseconds per call with cold caches, as each optimizer step starts.
 @torch.compiler.assume_constant_result
 def _choose(name: str, device_type: str, backend: str | None) -> str:
-    op = _OPS[name]
     requested = backend or os.environ.get("PYEFF_BACKEND") or None
-    device = torch.device(device_type)
+    key = (name, device_type, requested, os.environ.get("TRITON_INTERPRET"))
+    choice = _CHOICES.get(key)
+    if choice is None:
+        choice = _CHOICES[key] = _first_usable(_OPS[name], torch.device(device_type), requested)
+    return choice
+
+
+_CHOICES: dict[tuple, str] = {}
+
+
+def _first_usable(op: Op, device: torch.device, requested: str | None) -> str:
     if requested is not None:
         if requested not in BACKENDS:
             raise RuntimeError(f"pyeff.ops.{op.name}: unknown backend `{requested}`; expected one of "
@@ -212,7 +224,7 @@ def _choose(name: str, device_type: str, backend: str | None) -> str:
             raise RuntimeError(f"pyeff.ops.{op.name}: backend `{requested}` is not implemented for this op "
                                f"(it has: {have}); pass another `backend=` or unset PYEFF_BACKEND")
         return requested
-    for candidate in PREFERENCE.get(device_type, ("reference",)):
+    for candidate in PREFERENCE.get(device.type, ("reference",)):
         if op.has(candidate) and backend_usable(candidate, device) is None:
             return candidate
     return "reference"

@@ -40,8 +40,8 @@ from torch import Tensor
 
 from .._dtypes import opmath_dtype
 from ._low_precision import store_param
-from ._multi_tensor import (check_quantized_layouts, group_by_device_and_dtype, learning_rate, make_dense, on_device,
-                            present_or_empty)
+from ._multi_tensor import (any_sparse, check_quantized_layouts, group_by_device_and_dtype, learning_rate, make_dense,
+                            on_device, present_or_empty)
 from ._registry import Op
 from .state_codec import (SLOT_ADAGRAD_PARAM, SLOT_SUM, dequantize_flat, memory_order, quantize_flat, round_bf16,
                           slot_bits, to_code_dtype)
@@ -170,7 +170,7 @@ def _with_kernel_layouts(bucket: dict[str, list], carried: tuple[str, ...] = ())
     kernels address rows in the parameter and its state, so those must be contiguous. Those come
     last; the `carried` lists (per tensor, not laid out like it) follow the same order untouched."""
     kept = {name: bucket.pop(name) for name in carried}
-    sparse_at = [i for i, g in enumerate(bucket["grads"]) if g.is_sparse]
+    sparse_at = [i for i, g in enumerate(bucket["grads"]) if g.is_sparse] if any_sparse(bucket["grads"]) else []
     if not sparse_at:
         lists, write_back = make_dense(bucket, _MUTATED)
         return {**lists, **kept}, write_back

@@ -2,7 +2,9 @@
 
 1. Host time: AdamW, Adagrad and SGD (momentum 0.9) on 200 fp32 tensors of 64 elements, one
    thread, so a step is all host work (Python, argument conversion, checks); steps back to back
-   (warm caches), pyeff vs torch fused, median (min-max) of rounds of 200 steps.
+   (warm caches), pyeff vs torch fused, median (min-max) of rounds of 200 steps; then with cold
+   caches: each step after a pass over 256 MB, as a real step follows the forward and backward
+   passes (the median of 20 such steps per round).
 2. The 200-tensor model (bench.model_like_sizes, views of one buffer per role as in `pyeff bench
    optim`), Adagrad, default threads, interleaved rounds: the in-place ceiling loop, the op on one
    flat tensor of the same memory, the op on the 200 views, and `opt.step()`, each as % of the
@@ -44,13 +46,29 @@ def _seconds_per_step(fn, rounds: int, steps: int = 200) -> list[float]:
     return out
 
 
+def _seconds_per_cold_step(fn, rounds: int, evict: torch.Tensor, steps: int = 20) -> list[float]:
+    """Like _seconds_per_step, but each step runs after a pass over `evict` (larger than the caches),
+    as a real step runs after the forward and backward passes: the median of `steps` steps per round."""
+    out = []
+    for _ in range(rounds):
+        ts = []
+        for _ in range(steps):
+            evict.add_(1)
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        out.append(statistics.median(ts))
+    return out
+
+
 def host_time(rounds: int) -> list[bench.Row]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     rows = []
     try:
+        evict = torch.zeros(64 << 20)  # 256 MB
         for name, makers in OPTIMIZERS.items():
-            times = {}
+            times, cold = {}, {}
             for provider, make in zip(("pyeff_cpu", "torch_fused"), makers):
                 params = [torch.nn.Parameter(torch.randn(64)) for _ in range(200)]
                 for p in params:
@@ -58,7 +76,10 @@ def host_time(rounds: int) -> list[bench.Row]:
                 opt = make(params)
                 opt.step()
                 times[provider] = _seconds_per_step(opt.step, rounds)
+                cold[provider] = _seconds_per_cold_step(opt.step, rounds, evict)
             rows += bench.rows_from_times("step_host", f"{name} 200 tensors x 64, 1 thread", times,
+                                          torch_providers=("torch_fused",))
+            rows += bench.rows_from_times("step_host", f"{name} 200 tensors x 64, 1 thread, cold caches", cold,
                                           torch_providers=("torch_fused",))
     finally:
         torch.set_num_threads(threads)

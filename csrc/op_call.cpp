@@ -8,9 +8,11 @@
 // PyObject bookkeeping, which takes the GIL (a mutex) per tensor. `call_op` converts the Python
 // arguments to the op's C++ signature itself (csrc/op_call.h), borrowing each tensor from its Python
 // object, and makes one typed call of the same operator through the dispatcher (dispatch keys,
-// TorchDispatchModes, autograd, the Meta key all as before). It gives up, returning
-// NotImplemented, wherever the generic path could do something else: an element that is not
-// exactly a torch.Tensor or nn.Parameter (a subclass may have __torch_function__ or
+// TorchDispatchModes, the Meta key as before). It runs with grad mode off only (an optimizer step
+// always), where torch's autograd fallback, a boxed kernel at the Autograd keys that would box
+// every argument, only passes the call on: so the call starts below it. It gives up, returning
+// NotImplemented, wherever the generic path could do something else: grad mode on, an element that
+// is not exactly a torch.Tensor or nn.Parameter (a subclass may have __torch_function__ or
 // __torch_dispatch__), an active TorchFunctionMode, a value of another type (a SymInt, a NumPy
 // scalar). pyeff/ops/_registry.py then calls the overload as before, and always does under
 // torch.compile, which traces that call. The GIL is released while the op runs, as torch's own

@@ -5,12 +5,12 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <Python.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/MaybeOwned.h>
 
-#include <optional>
 #include <functional>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -185,8 +185,7 @@ struct Typed<void(Args...)> {
     if (!(std::get<I>(args).load(PyTuple_GET_ITEM(values, I)) && ...)) return false;
     const auto typed = op.typed<void(Args...)>();
     run_without_gil([&] {
-      // With grad mode off, torch's autograd fallback (a boxed kernel at the Autograd keys: it
-      // would box every argument) only passes the call on to the keys below it.
+      // Below torch's autograd fallback, which with grad mode off only passes the call on.
       c10::impl::ExcludeDispatchKeyGuard below_autograd(c10::autograd_dispatch_keyset);
       typed.call(std::get<I>(args).get()...);
     });

@@ -92,20 +92,28 @@ struct Arg<const at::Tensor&> {
   }
 };
 
+// Each item of a list or tuple through `take` (false: the generic path must run).
+template <typename F>
+bool each_item(PyObject* obj, F take) {
+  if (!PyList_CheckExact(obj) && !PyTuple_CheckExact(obj)) return false;
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(obj);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (!take(PySequence_Fast_ITEMS(obj)[i])) return false;
+  }
+  return true;
+}
+
+inline bool load_int(PyObject* obj, int64_t& out) {
+  if (!PyLong_CheckExact(obj)) return false;
+  out = PyLong_AsLongLong(obj);
+  return !PyErr_Occurred() || (PyErr_Clear(), false);
+}
+
 template <>
 struct Arg<at::IntArrayRef> {
   std::vector<int64_t> values;
   bool load(PyObject* obj) {
-    if (!PyList_CheckExact(obj) && !PyTuple_CheckExact(obj)) return false;
-    const Py_ssize_t n = PySequence_Fast_GET_SIZE(obj);
-    values.reserve(n);
-    for (Py_ssize_t i = 0; i < n; ++i) {
-      PyObject* item = PySequence_Fast_ITEMS(obj)[i];
-      if (!PyLong_CheckExact(item)) return false;
-      values.push_back(PyLong_AsLongLong(item));
-      if (PyErr_Occurred()) return (PyErr_Clear(), false);
-    }
-    return true;
+    return each_item(obj, [&](PyObject* item) { return load_int(item, values.emplace_back()); });
   }
   at::IntArrayRef get() const { return values; }
 };
@@ -114,15 +122,11 @@ template <>
 struct Arg<const c10::List<bool>&> {
   c10::List<bool> values;
   bool load(PyObject* obj) {
-    if (!PyList_CheckExact(obj) && !PyTuple_CheckExact(obj)) return false;
-    const Py_ssize_t n = PySequence_Fast_GET_SIZE(obj);
-    values.reserve(n);
-    for (Py_ssize_t i = 0; i < n; ++i) {
-      PyObject* item = PySequence_Fast_ITEMS(obj)[i];
+    return each_item(obj, [&](PyObject* item) {
       if (!PyBool_Check(item)) return false;
       values.push_back(item == Py_True);
-    }
-    return true;
+      return true;
+    });
   }
   const c10::List<bool>& get() const { return values; }
 };
@@ -145,11 +149,7 @@ struct Arg<double> {
 template <>
 struct Arg<int64_t> {
   int64_t value = 0;
-  bool load(PyObject* obj) {
-    if (!PyLong_CheckExact(obj)) return false;
-    value = PyLong_AsLongLong(obj);
-    return !PyErr_Occurred() || (PyErr_Clear(), false);
-  }
+  bool load(PyObject* obj) { return load_int(obj, value); }
   int64_t get() const { return value; }
 };
 

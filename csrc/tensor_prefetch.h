@@ -44,8 +44,10 @@ inline void prefetch_behind(const c10::TensorImpl* impl) {
   __builtin_prefetch(*reinterpret_cast<void* const*>(&impl->version_counter()), 1);
 }
 
-inline void prefetch_data(const c10::TensorImpl* impl) {
-  if (impl->has_storage()) __builtin_prefetch(impl->storage().unsafeGetStorageImpl()->data_ptr().get());
+inline void prefetch_data(const c10::TensorImpl* impl) {  // host memory only: the host reads no device data
+  if (impl->has_storage() && impl->device_type() == c10::DeviceType::CPU) {
+    __builtin_prefetch(impl->storage().unsafeGetStorageImpl()->data_ptr().get());
+  }
 }
 
 // items[0, n): the tensors' Python objects, TensorImpls, storages, version counters and first data

@@ -34,9 +34,7 @@
 namespace pyeff {
 namespace op_call {
 
-const at::Tensor* exact_tensor(PyObject* obj) {
-  return THPVariable_CheckExact(obj) ? &THPVariable_Unpack(obj) : nullptr;
-}
+const at::Tensor* exact_tensor(PyObject* obj) { return pyeff::exact_tensor(obj); }
 
 void prefetch(PyObject* const* items, Py_ssize_t n) { prefetch_tensors(items, n); }
 

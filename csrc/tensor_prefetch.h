@@ -18,19 +18,19 @@
 
 namespace pyeff {
 
-inline void prefetch_lines(const void* p, size_t bytes, bool for_write = false) {
-  for (size_t at = 0; at < bytes; at += 64) {
-    if (for_write) {
-      __builtin_prefetch(static_cast<const char*>(p) + at, 1);
-    } else {
-      __builtin_prefetch(static_cast<const char*>(p) + at);
-    }
-  }
+inline void prefetch_lines(const void* p, size_t bytes) {
+  for (size_t at = 0; at < bytes; at += 64) __builtin_prefetch(static_cast<const char*>(p) + at);
 }
 
-// The TensorImpl of `obj` when it is exactly a torch.Tensor or nn.Parameter, else null.
+// The tensor of `obj` when it is exactly a torch.Tensor or nn.Parameter (a subclass may behave
+// otherwise), else null.
+inline const at::Tensor* exact_tensor(PyObject* obj) {
+  return THPVariable_CheckExact(obj) ? &THPVariable_Unpack(obj) : nullptr;
+}
+
 inline c10::TensorImpl* exact_impl(PyObject* obj) {
-  return THPVariable_CheckExact(obj) ? THPVariable_Unpack(obj).unsafeGetTensorImpl() : nullptr;
+  const at::Tensor* t = exact_tensor(obj);
+  return t ? t->unsafeGetTensorImpl() : nullptr;
 }
 
 // What a tensor's host work reads besides its TensorImpl: the storage, the version counter (the
